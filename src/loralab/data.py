@@ -1,0 +1,375 @@
+"""Datasets: read files, validate rows, split, format prompts, tokenize with -100 label masks, collate.
+
+Every error names the file and the row (1-based; a line number for JSONL and CSV files).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loralab.config import DataConfig
+from loralab.errors import DataError
+
+IGNORE_INDEX = -100
+PLAIN_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+def demo_dataset_path() -> Path:
+    """The bundled demo dataset (instruction/response pairs written for loralab)."""
+    return Path(str(resources.files("loralab") / "resources" / "demo_dataset.json"))
+
+
+@dataclass
+class Example:
+    """One validated row: the conversation before the answer, the answer, and where it came from."""
+
+    prompt: str  # the last user turn (what a person would call the question)
+    response: str  # the reference answer (or the label, for classification)
+    row: int
+    messages: list[dict[str, str]] = field(default_factory=list)  # chat context before the answer
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_rows(path: str | Path) -> list[tuple[int, Any]]:
+    """Rows of a JSON array, JSONL, CSV file or saved HF dataset folder, each with its row/line number."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        return _read_hf_folder(path)
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text)
+    if suffix == ".csv":
+        return [(i + 2, row) for i, row in enumerate(csv.DictReader(text.splitlines()))]  # line 1 is the header
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"data file {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+            data = next(iter(data.values()))  # {"data": [...]}
+        if not isinstance(data, list):
+            raise DataError(f"data file {path}: expected a JSON array of objects, got a {type(data).__name__}")
+        return [(i + 1, row) for i, row in enumerate(data)]
+    raise DataError(f"data file {path}: unsupported extension {suffix!r}; expected .json, .jsonl, .csv or a saved dataset folder")
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line_number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"data file {path}: invalid JSON at line {line_number}, column {exc.colno}: {exc.msg}") from None
+    return rows
+
+
+def _read_hf_folder(path: Path) -> list[tuple[int, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"data folder {path}: not a dataset saved with save_to_disk ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"data folder {path}: dataset dict has splits {list(loaded)}, expected a 'train' split")
+        loaded = loaded["train"]
+    return [(i + 1, row) for i, row in enumerate(loaded)]
+
+
+# ---------------------------------------------------------------- validating rows
+
+
+def detect_format(rows: list[tuple[int, Any]], cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    first = rows[0][1] if rows and isinstance(rows[0][1], dict) else {}
+    if cfg.messages_field in first:
+        return "messages"
+    if "output" in first and cfg.prompt_field in first and cfg.response_field not in first:
+        return "alpaca"
+    return "pairs"
+
+
+def _row_error(path: str, row: int, message: str) -> DataError:
+    return DataError(f"data file {path}, row {row}: {message}")
+
+
+def _text_field(record: dict, name: str, path: str, row: int, expected: list[str]) -> str:
+    if name not in record:
+        found = ", ".join(repr(k) for k in record) or "none"
+        raise _row_error(path, row, f"missing field {name!r}; expected fields {expected}, found {found} "
+                         "(set data.prompt_field / data.response_field to use other names)")
+    value = record[name]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise _row_error(path, row, f"field {name!r} should be text, got {type(value).__name__}")
+    return value
+
+
+def parse_rows(rows: list[tuple[int, Any]], cfg: DataConfig, path: str, task_type: str) -> list[Example]:
+    """Validate raw rows into Examples according to the data format."""
+    fmt = detect_format(rows, cfg)
+    examples = []
+    for row, record in rows:
+        if not isinstance(record, dict):
+            raise _row_error(path, row, f"expected an object with fields, got {type(record).__name__}")
+        if task_type == "SEQ_CLS":
+            text = _text_field(record, cfg.prompt_field, path, row, [cfg.prompt_field, cfg.label_field])
+            if cfg.label_field not in record:
+                raise _row_error(path, row, f"missing label field {cfg.label_field!r}; found {list(record)} (set data.label_field)")
+            examples.append(Example(prompt=text, response=str(record[cfg.label_field]), row=row))
+        elif fmt == "messages":
+            examples.append(_parse_messages(record, cfg, path, row))
+        elif fmt == "alpaca":
+            fields = [cfg.prompt_field, cfg.input_field, "output"]
+            instruction = _text_field(record, cfg.prompt_field, path, row, fields)
+            context = record.get(cfg.input_field) or ""
+            prompt = f"{instruction}\n\n{context}" if str(context).strip() else instruction
+            examples.append(Example(prompt=prompt, response=_text_field(record, "output", path, row, fields), row=row))
+        else:
+            fields = [cfg.prompt_field, cfg.response_field]
+            prompt = _text_field(record, cfg.prompt_field, path, row, fields)
+            examples.append(Example(prompt=prompt, response=_text_field(record, cfg.response_field, path, row, fields), row=row))
+    return examples
+
+
+def _parse_messages(record: dict, cfg: DataConfig, path: str, row: int) -> Example:
+    messages = record.get(cfg.messages_field)
+    if not isinstance(messages, list) or not messages:
+        raise _row_error(path, row, f"field {cfg.messages_field!r} should be a non-empty list of {{role, content}} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise _row_error(path, row, f"message {i + 1} should have 'role' and 'content', got {message!r}")
+    if messages[-1]["role"] != "assistant":
+        raise _row_error(path, row, f"the last message should be the assistant's answer, got role {messages[-1]['role']!r}")
+    context = [{"role": m["role"], "content": str(m["content"])} for m in messages[:-1]]
+    users = [m["content"] for m in context if m["role"] == "user"]
+    if not users:
+        raise _row_error(path, row, "no user message before the assistant's answer")
+    return Example(prompt=users[-1], response=str(messages[-1]["content"]), row=row, messages=context)
+
+
+def load_examples(cfg: DataConfig, task_type: str, path: str | None = None) -> list[Example]:
+    """Read and validate a data file (the bundled demo when no path is configured)."""
+    source = path or cfg.path or str(demo_dataset_path())
+    rows = read_rows(source)
+    if not rows:
+        raise DataError(f"data file {source}: no examples found (the dataset is empty)")
+    return parse_rows(rows, cfg, source, task_type)
+
+
+def split_examples(examples: list[Example], eval_split: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Shuffle with a fixed seed and hold out ``eval_split`` of the examples (at least one when > 0)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = 0 if eval_split == 0 else max(1, round(len(examples) * eval_split))
+    eval_part = [examples[i] for i in order[:n_eval]]
+    train_part = [examples[i] for i in order[n_eval:]]
+    if not train_part:
+        raise DataError(f"the training split is empty: {len(examples)} examples with data.eval_split={eval_split}; add data or lower eval_split")
+    return train_part, eval_part
+
+
+# ---------------------------------------------------------------- prompts and tokens
+
+
+def uses_chat_template(tokenizer: Any, cfg: DataConfig) -> bool:
+    return bool(cfg.chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def prompt_messages(example: Example, cfg: DataConfig) -> list[dict[str, str]]:
+    messages = list(example.messages) or [{"role": "user", "content": example.prompt}]
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages
+
+
+def format_prompt(tokenizer: Any, example: Example, cfg: DataConfig, task_type: str = "CAUSAL_LM") -> str:
+    """The exact text placed before the answer, in training and in generation."""
+    if task_type != "CAUSAL_LM":
+        return example.prompt
+    if uses_chat_template(tokenizer, cfg):
+        return tokenizer.apply_chat_template(prompt_messages(example, cfg), tokenize=False, add_generation_prompt=True)
+    if example.messages:
+        turns = "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt_messages(example, cfg))
+        return PLAIN_PROMPT_TEMPLATE.format(prompt=turns)
+    system = f"{cfg.system_prompt}\n\n" if cfg.system_prompt else ""
+    return system + PLAIN_PROMPT_TEMPLATE.format(prompt=example.prompt)
+
+
+def encode_prompt(tokenizer: Any, prompt_text: str, cfg: DataConfig) -> list[int]:
+    """Token ids of a formatted prompt: the chat template carries its own special tokens, plain text gets BOS."""
+    if uses_chat_template(tokenizer, cfg):
+        return tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]  # tokenizers that append EOS to every text
+    return ids
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int
+    response_length: int  # before truncation, EOS included
+    truncated: bool
+    response_truncated: bool
+    decoder_length: int = 0
+
+
+def _budget(prompt_len: int, response_len: int, max_length: int) -> tuple[int, int]:
+    """Token budget (prompt, response) under max_length: the response keeps at least half when it needs it."""
+    if prompt_len + response_len <= max_length:
+        return prompt_len, response_len
+    response_keep = min(response_len, max(max_length - prompt_len, max_length // 2))
+    return max_length - response_keep, response_keep
+
+
+def tokenize_causal(tokenizer: Any, example: Example, cfg: DataConfig) -> TokenizedExample:
+    """Prompt + response + EOS; prompt positions are -100 unless train_on_prompt; EOS stays supervised."""
+    prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, example, cfg), cfg)
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    keep_prompt, keep_response = _budget(len(prompt_ids), len(response_ids), cfg.max_length)
+    prompt_part = prompt_ids[len(prompt_ids) - keep_prompt :]  # keep the end of the prompt (nearest the answer)
+    response_part = response_ids[:keep_response]
+    prompt_labels = list(prompt_part) if cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_part)
+    return TokenizedExample(
+        input_ids=prompt_part + response_part,
+        labels=prompt_labels + response_part,
+        prompt_length=len(prompt_part),
+        response_length=len(response_ids),
+        truncated=keep_prompt < len(prompt_ids) or keep_response < len(response_ids),
+        response_truncated=keep_response < len(response_ids),
+    )
+
+
+def tokenize_seq2seq(tokenizer: Any, example: Example, cfg: DataConfig) -> TokenizedExample:
+    """Encoder input = prompt, labels = response ending in EOS (padding is masked by the collator)."""
+    input_ids = tokenizer(example.prompt)["input_ids"]
+    labels = tokenizer(text_target=example.response)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not labels or labels[-1] != eos):
+        labels = labels + [eos]
+    truncated_input = len(input_ids) > cfg.max_length
+    truncated_labels = len(labels) > cfg.max_length
+    if truncated_input:
+        input_ids = input_ids[: cfg.max_length - 1] + [input_ids[-1]]
+    response_length = len(labels)
+    if truncated_labels:
+        labels = labels[: cfg.max_length - 1] + [labels[-1]]
+    return TokenizedExample(input_ids=input_ids, labels=labels, prompt_length=len(input_ids), response_length=response_length,
+                            truncated=truncated_input or truncated_labels, response_truncated=truncated_labels,
+                            decoder_length=len(labels))
+
+
+def tokenize_classification(tokenizer: Any, example: Example, cfg: DataConfig, label_ids: dict[str, int]) -> TokenizedExample:
+    ids = tokenizer(example.prompt)["input_ids"]
+    truncated = len(ids) > cfg.max_length
+    if truncated:
+        ids = ids[: cfg.max_length - 1] + [ids[-1]]
+    return TokenizedExample(input_ids=ids, labels=[label_ids[example.response]], prompt_length=len(ids),
+                            response_length=0, truncated=truncated, response_truncated=False)
+
+
+def label_vocabulary(examples: list[Example]) -> dict[str, int]:
+    """Class names to ids: integer labels keep their value, text labels are numbered in sorted order."""
+    names = sorted({e.response for e in examples})
+    if all(n.lstrip("-").isdigit() for n in names):
+        return {n: int(n) for n in names}
+    return {n: i for i, n in enumerate(names)}
+
+
+def tokenize(tokenizer: Any, example: Example, cfg: DataConfig, task_type: str, label_ids: dict[str, int] | None = None) -> TokenizedExample:
+    if task_type == "CAUSAL_LM":
+        return tokenize_causal(tokenizer, example, cfg)
+    if task_type == "SEQ_2_SEQ_LM":
+        return tokenize_seq2seq(tokenizer, example, cfg)
+    return tokenize_classification(tokenizer, example, cfg, label_ids or {})
+
+
+# ---------------------------------------------------------------- datasets for the Trainer
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Model inputs as plain lists; the collator pads each batch dynamically."""
+
+    def __init__(self, tokenized: list[TokenizedExample], task_type: str):
+        self.tokenized = tokenized
+        self.task_type = task_type
+
+    def __len__(self) -> int:
+        return len(self.tokenized)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.tokenized[index]
+        labels: Any = item.labels[0] if self.task_type == "SEQ_CLS" else item.labels
+        return {"input_ids": item.input_ids, "attention_mask": [1] * len(item.input_ids), "labels": labels}
+
+    def lengths(self) -> list[int]:
+        return [len(t.input_ids) + t.decoder_length for t in self.tokenized]
+
+
+@dataclass
+class PreparedData:
+    """Train and eval examples, their tokenized features, and what tokenization had to cut."""
+
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    train: FeatureDataset
+    eval: FeatureDataset | None
+    label_ids: dict[str, int] | None = None
+
+    def truncation_counts(self) -> dict[str, int]:
+        items = self.train.tokenized + (self.eval.tokenized if self.eval else [])
+        return {"truncated_examples": sum(t.truncated for t in items),
+                "truncated_responses": sum(t.response_truncated for t in items)}
+
+    def supervised_tokens(self) -> int:
+        return sum(sum(1 for x in t.labels if x != IGNORE_INDEX) for t in self.train.tokenized)
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any, task_type: str) -> PreparedData:
+    """Load, validate, split and tokenize the configured data."""
+    examples = load_examples(cfg, task_type)
+    if cfg.eval_path:
+        train_examples, eval_examples = examples, load_examples(cfg, task_type, cfg.eval_path)
+    else:
+        train_examples, eval_examples = split_examples(examples, cfg.eval_split, cfg.seed)
+    label_ids = label_vocabulary(train_examples + eval_examples) if task_type == "SEQ_CLS" else None
+
+    def features(part: list[Example]) -> FeatureDataset:
+        return FeatureDataset([tokenize(tokenizer, e, cfg, task_type, label_ids) for e in part], task_type)
+
+    return PreparedData(train_examples, eval_examples, features(train_examples),
+                        features(eval_examples) if eval_examples else None, label_ids)
+
+
+def make_collator(tokenizer: Any, task_type: str, model: Any = None) -> Any:
+    """Dynamic padding per batch: pad ids and attention 0 for inputs, -100 for labels."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if task_type == "SEQ_CLS":
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForSeq2Seq(tokenizer, model=model if task_type == "SEQ_2_SEQ_LM" else None,
+                                  label_pad_token_id=IGNORE_INDEX, padding=True)

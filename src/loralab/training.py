@@ -1,0 +1,271 @@
+"""Training: load everything a run needs, train with the Hugging Face Trainer, write the run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import TrainerCallback
+
+from loralab.config import RunConfig
+from loralab.data import PreparedData, make_collator, prepare_data
+from loralab.errors import LoralabError
+from loralab.models import (
+    TargetReport,
+    apply_lora,
+    detect_task_type,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    parameter_counts,
+)
+from loralab.runs import RunPaths, list_checkpoints, prepare_run_dir, replace_dir_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- hardware
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` becomes bf16 where the hardware runs it natively, else fp16 (older GPUs) or fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+# ---------------------------------------------------------------- setup shared by train and check
+
+
+@dataclass
+class Session:
+    """A base model with LoRA applied, its tokenizer, and the tokenized data: everything before training."""
+
+    config: RunConfig
+    task_type: str
+    tokenizer: Any
+    data: PreparedData
+    model: Any
+    targets: TargetReport
+    collator: Any
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_task_type(config: RunConfig) -> tuple[str, Any]:
+    hf_config = load_model_config(config.model)
+    task_type = config.model.task_type or config.lora.task_type or detect_task_type(hf_config)
+    return task_type, hf_config
+
+
+def load_tokenizer_and_data(config: RunConfig) -> tuple[str, Any, PreparedData]:
+    """The cheap half of setup (no model weights): task type, tokenizer, tokenized data."""
+    task_type, _ = resolve_task_type(config)
+    tokenizer = load_tokenizer(config.model, task_type)
+    tokenizer.padding_side = "right"  # training pads on the right; generation switches to left
+    data = prepare_data(config.data, tokenizer, task_type)
+    return task_type, tokenizer, data
+
+
+def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = None) -> Session:
+    """Load tokenizer and data first (fast failures), then the model, then apply LoRA."""
+    task_type, tokenizer, data = prepared or load_tokenizer_and_data(config)
+    num_labels = max(data.label_ids.values()) + 1 if data.label_ids else None
+    model = load_model(config.model, task_type, num_labels=num_labels)
+    if data.label_ids:
+        model.config.id2label = {i: name for name, i in data.label_ids.items()}
+        model.config.label2id = dict(data.label_ids)
+    if task_type == "CAUSAL_LM" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model, targets = apply_lora(model, config.lora, task_type)
+    collator = make_collator(tokenizer, task_type, peft_model)
+    return Session(config, task_type, tokenizer, data, peft_model, targets, collator)
+
+
+# ---------------------------------------------------------------- the Trainer
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log (train loss, eval loss, ...) as one JSON line to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3), **logs}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+
+
+def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eval: bool, task_type: str, progress: bool) -> Any:
+    from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+    train = config.train
+    precision = resolve_precision(train.precision)
+    steps_per_epoch = max(1, math.ceil(n_train / (train.batch_size * train.gradient_accumulation)))
+    interval: dict[str, Any] = {"eval_strategy": "epoch" if has_eval else "no", "save_strategy": "epoch"}
+    if train.max_steps:
+        every = min(steps_per_epoch, train.max_steps)
+        interval = {"eval_strategy": "steps" if has_eval else "no", "save_strategy": "steps", "save_steps": every}
+        if has_eval:
+            interval["eval_steps"] = every
+    cls = Seq2SeqTrainingArguments if task_type == "SEQ_2_SEQ_LM" else TrainingArguments
+    return cls(
+        output_dir=str(paths.checkpoints),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.eval_batch_size or train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup if train.warmup < 1 else int(train.warmup),
+        max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_on_start=has_eval,  # the base model's eval loss, for comparison
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        **interval,
+    )
+
+
+def build_trainer(session: Session, paths: RunPaths, progress: bool = True, callbacks: list | None = None) -> Any:
+    """A Trainer (Seq2SeqTrainer for seq2seq) wired with loralab's data, collator and metrics log."""
+    from transformers import Seq2SeqTrainer, Trainer
+
+    has_eval = session.data.eval is not None and len(session.data.eval) > 0
+    args = training_arguments(session.config, paths, len(session.data.train), has_eval, session.task_type, progress)
+    cls = Seq2SeqTrainer if session.task_type == "SEQ_2_SEQ_LM" else Trainer
+    return cls(
+        model=session.model,
+        args=args,
+        train_dataset=session.data.train,
+        eval_dataset=session.data.eval if has_eval else None,
+        data_collator=session.collator,
+        processing_class=session.tokenizer,
+        callbacks=[MetricsFileCallback(paths.metrics), *(callbacks or [])],
+    )
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
+    """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors) atomically."""
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        replace_dir_atomic(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _last(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None
+
+
+def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bool = False, resume: bool | None = None,
+          progress: bool = True, preflight: Callable[[Session], None] | None = None) -> dict[str, Any]:
+    """Train a LoRA adapter and write the run folder; returns the run summary.
+
+    ``preflight`` (e.g. loralab's fast checks) runs on the loaded session before any training step.
+    """
+    resume = config.train.resume if resume is None else resume
+    run_path = Path(run_dir) if run_dir else config.run_dir()
+    from transformers import set_seed
+
+    prepared = load_tokenizer_and_data(config)  # bad data fails before any folder is touched
+    paths = prepare_run_dir(config, run_path, overwrite=overwrite, resume=resume)
+    set_seed(config.train.seed)
+    session = setup(config, prepared)
+    counts = parameter_counts(session.model)
+    log.info("%s: %s, %d train / %d eval examples, %d trainable of %d parameters (%.3f%%)",
+             paths.root, session.task_type, len(session.data.train), len(session.data.eval or []),
+             counts["trainable_params"], counts["total_params"], counts["trainable_percent"])
+    if preflight is not None:
+        preflight(session)
+
+    trainer = build_trainer(session, paths, progress=progress)
+    checkpoints = list_checkpoints(paths.root)
+    resume_from = str(checkpoints[-1]) if resume and checkpoints else None
+    started = time.perf_counter()
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        raise LoralabError(f"training interrupted; continue with: loralab train --output {paths.root} --resume") from None
+    elapsed = time.perf_counter() - started
+    session.model.eval()  # Trainer leaves the model in train mode (dropout on)
+
+    if not math.isfinite(output.training_loss):
+        raise LoralabError(f"training diverged: the training loss is {output.training_loss}; lower train.learning_rate")
+    save_adapter(session.model, session.tokenizer, paths.adapter)
+    history = trainer.state.log_history
+    best = trainer.state.best_model_checkpoint
+    epochs_done = trainer.state.epoch or 0.0
+    summary = {
+        "run": str(paths.root),
+        "task_type": session.task_type,
+        "model": config.model.name_or_path,
+        **counts,
+        "target_modules_matched": len(session.targets.matched),
+        "target_modules_unmatched": session.targets.unmatched_names,
+        "n_train": len(session.data.train),
+        "n_eval": len(session.data.eval or []),
+        **session.data.truncation_counts(),
+        "precision": resolve_precision(config.train.precision),
+        "epochs": round(epochs_done, 4),
+        "steps": trainer.state.global_step,
+        "train_time_s": round(elapsed, 2),
+        "train_loss": output.training_loss,
+        "final_train_loss": _last(history, "loss"),
+        "base_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h and h.get("step") == 0), None),
+        "first_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h and h.get("step")), None),
+        "final_eval_loss": _last(history, "eval_loss"),
+        "best_eval_loss": trainer.state.best_metric,
+        "best_checkpoint": str(Path(best).relative_to(paths.root)) if best else None,
+        "supervised_tokens_per_epoch": session.data.supervised_tokens(),
+        "resumed_from": resume_from,
+    }
+    write_json_atomic(paths.summary, summary)
+    return summary
