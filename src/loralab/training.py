@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from loralab.config import RunConfig
 from loralab.data import PreparedData, make_collator, prepare_data
@@ -27,6 +27,7 @@ from loralab.models import (
     load_tokenizer,
     parameter_counts,
 )
+from loralab.speed import PackingCollator, cast_frozen_weights, supervised_lm_loss, supports_supervised_logits
 from loralab.runs import RunPaths, list_checkpoints, prepare_run_dir, replace_dir_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,26 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     if data.label_ids:
         model.config.id2label = {i: name for name, i in data.label_ids.items()}
         model.config.label2id = dict(data.label_ids)
-    if task_type == "CAUSAL_LM" and model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if task_type == "CAUSAL_LM":
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        # No KV cache in training: it is useless there, and with a cache transformers skips the packed-sequence
+        # detection, letting attention leak across packed examples.
+        model.config.use_cache = False
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model, targets = apply_lora(model, config.lora, task_type)
-    collator = make_collator(tokenizer, task_type, peft_model)
-    return Session(config, task_type, tokenizer, data, peft_model, targets, collator)
+    if resolve_precision(config.train.precision) == "bf16" and not config.model.load_in_4bit:
+        cast_frozen_weights(peft_model, torch.bfloat16)  # LoRA weights stay fp32
+    return Session(config, task_type, tokenizer, data, peft_model, targets, build_collator(config, task_type, tokenizer, peft_model))
+
+
+def build_collator(config: RunConfig, task_type: str, tokenizer: Any, model: Any) -> Any:
+    """Packing for causal LMs when enabled (architectures known to honour packed position ids), else dynamic padding."""
+    if task_type == "CAUSAL_LM" and config.train.packing and supports_supervised_logits(model):
+        return PackingCollator(tokenizer.pad_token_id, config.train.pack_length or config.data.max_length)
+    return make_collator(tokenizer, task_type, model)
 
 
 # ---------------------------------------------------------------- the Trainer
@@ -167,13 +180,35 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
     )
 
 
+class SupervisedLogitsTrainer(Trainer):
+    """A Trainer whose causal-LM loss projects to the vocabulary only at supervised positions.
+
+    Same loss as the model's own (token-averaged cross-entropy, gradient-accumulation aware); used in a single
+    process, where calling the decoder directly is safe (a DDP-wrapped model keeps the model's own forward).
+    """
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if "labels" not in inputs or self.accelerator.num_processes > 1:
+            self.loss_is_scaled_for_ga = None  # the Trainer's own rule
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss_sum, count = supervised_lm_loss(model, inputs)
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None  # normalised over the accumulated batch
+        loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
 def build_trainer(session: Session, paths: RunPaths, progress: bool = True, callbacks: list | None = None) -> Any:
     """A Trainer (Seq2SeqTrainer for seq2seq) wired with loralab's data, collator and metrics log."""
-    from transformers import Seq2SeqTrainer, Trainer
+    from transformers import Seq2SeqTrainer
 
     has_eval = session.data.eval is not None and len(session.data.eval) > 0
     args = training_arguments(session.config, paths, len(session.data.train), has_eval, session.task_type, progress)
-    cls = Seq2SeqTrainer if session.task_type == "SEQ_2_SEQ_LM" else Trainer
+    cls: type = Trainer
+    if session.task_type == "SEQ_2_SEQ_LM":
+        cls = Seq2SeqTrainer
+    elif session.task_type == "CAUSAL_LM" and session.config.train.supervised_logits_only and supports_supervised_logits(session.model):
+        cls = SupervisedLogitsTrainer
     return cls(
         model=session.model,
         args=args,
