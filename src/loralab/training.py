@@ -27,7 +27,8 @@ from loralab.models import (
     load_tokenizer,
     parameter_counts,
 )
-from loralab.speed import PackingCollator, cast_frozen_weights, supervised_lm_loss, supports_supervised_logits
+from loralab.speed import (PackingCollator, cast_frozen_weights, supervised_lm_loss, supports_supervised_logits,
+                           use_fast_dropout)
 from loralab.runs import RunPaths, list_checkpoints, prepare_run_dir, replace_dir_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     peft_model, targets = apply_lora(model, config.lora, task_type)
     if resolve_precision(config.train.precision) == "bf16" and not config.model.load_in_4bit:
         cast_frozen_weights(peft_model, torch.bfloat16)  # LoRA weights stay fp32
+    use_fast_dropout(peft_model)
     return Session(config, task_type, tokenizer, data, peft_model, targets, build_collator(config, task_type, tokenizer, peft_model))
 
 
@@ -261,7 +263,12 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bo
     if preflight is not None:
         preflight(session)
 
-    trainer = build_trainer(session, paths, progress=progress)
+    callbacks = []
+    if config.train.eval_generate:  # generation metrics (exact match, ROUGE-L, chrF, BLEU) at each evaluation
+        from loralab.evaluation import generation_callback
+
+        callbacks.append(generation_callback(session, paths.metrics))
+    trainer = build_trainer(session, paths, progress=progress, callbacks=callbacks)
     checkpoints = list_checkpoints(paths.root)
     resume_from = str(checkpoints[-1]) if resume and checkpoints else None
     started = time.perf_counter()
