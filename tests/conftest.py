@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+# Tiny models: one thread is faster than two that wait on each other, and keeps parallel test runs sane.
+torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -42,18 +42,21 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from rich.logging import RichHandler
+
+    # Levels first: bitsandbytes warns about optional CPU kernels as soon as transformers imports it.
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("loralab").setLevel(logging.INFO)
+    for noisy in ("peft", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the Trainer's own bar stays
     except ImportError:
         pass
-    from rich.logging import RichHandler
-
-    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
-    logging.getLogger("loralab").setLevel(logging.INFO)
-    logging.getLogger("peft").setLevel(logging.ERROR)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -163,6 +166,295 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+# ---------------------------------------------------------------- eval, compare, generate, chat
+
+RunArg = typer.Argument(..., help="A run folder (runs/<name>).")
+CheckpointOpt = typer.Option("best", "--checkpoint", help="Adapter: best (the run's adapter), latest, or a step number.")
+PromptOpt = typer.Option(None, "--prompt", help="A prompt (repeatable).")
+PromptsFileOpt = typer.Option(None, "--prompts-file", help="One prompt per line, or a JSON / JSONL / CSV data file.")
+MaxNewTokensOpt = typer.Option(64, "--max-new-tokens", help="Most tokens per answer.")
+DoSampleOpt = typer.Option(False, "--do-sample", help="Sample instead of greedy decoding.")
+TemperatureOpt = typer.Option(None, "--temperature", help="Sampling temperature (needs --do-sample).")
+TopKOpt = typer.Option(None, "--top-k", help="Sample from the k most likely tokens (needs --do-sample).")
+TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling threshold (needs --do-sample).")
+NumBeamsOpt = typer.Option(1, "--num-beams", help="Beam search width (1: no beam search).")
+BatchSizeOpt = typer.Option(8, "--batch-size", help="Prompts generated together.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed, for reproducible sampling.")
+METRIC_LABELS = {"exact_match": "exact match (0-1)", "rouge_l": "ROUGE-L F1 (0-1)", "chrf": "chrF (0-100)", "bleu": "BLEU (0-100)"}
+
+
+def _settings(max_new_tokens: int, do_sample: bool, temperature: Optional[float], top_k: Optional[int],
+              top_p: Optional[float], num_beams: int, batch_size: int, seed: Optional[int]) -> Any:
+    from loralab.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, num_beams=num_beams, batch_size=batch_size, seed=seed)
+
+
+def _no_loading_bar() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_run(run_dir: Path, checkpoint: str) -> Any:
+    """The run's model with its adapter, without transformers' weight-loading bar."""
+    from loralab.generation import load_run_model
+
+    _no_loading_bar()
+    return load_run_model(run_dir, checkpoint)
+
+
+def _prompts(run: Any, prompt: Optional[list[str]], prompts_file: Optional[Path]) -> list[Any]:
+    from loralab.evaluation import read_prompts
+
+    found: list[Any] = list(prompt or [])
+    if prompts_file:
+        found.extend(read_prompts(prompts_file, run.config.data, run.task_type))
+    return found
+
+
+def _need_prompts(prompt: Optional[list[str]], prompts_file: Optional[Path]) -> None:
+    if not prompt and not prompts_file:
+        raise LoralabError("no prompts given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+
+
+def print_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
+    """The base vs adapter scores side by side, then a few example answers."""
+    title = f"{run_dir}: {report['n']} examples ({report['data']}), checkpoint {report['checkpoint']}"
+    if report["references"]:
+        table = Table("metric", "base", "adapter", "change", title=title)
+        for name, label in METRIC_LABELS.items():
+            base, adapter = report["base"][name], report["adapter"][name]
+            digits = 3 if name in ("exact_match", "rouge_l") else 1
+            table.add_row(label, f"{base:.{digits}f}", f"{adapter:.{digits}f}", f"{adapter - base:+.{digits}f}")
+        console.print(table)
+    else:
+        console.print(f"{title}\n[yellow]no reference answers in {report['data']}: answers only, no scores[/]")
+    if show:
+        examples = Table("prompt", *(["reference"] if report["references"] else []), "base", "adapter",
+                         title=f"first {min(show, report['n'])} answers", show_lines=True)
+        for row in report["predictions"][:show]:
+            examples.add_row(row["prompt"], *([row["reference"]] if report["references"] else []), row["base"], row["adapter"])
+        console.print(examples, markup=False)
+    written = "eval.json and predictions.jsonl" if report["references"] else "predictions.jsonl"
+    console.print(f"wrote {written} in {run_dir}", highlight=False)
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(run_dir: Path = RunArg,
+                 data: Optional[Path] = typer.Option(None, "--data", help="Every row of this file instead of the eval split."),
+                 limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples (a quick look)."),
+                 checkpoint: str = CheckpointOpt, show: int = typer.Option(3, "--show", min=0, help="Example answers to print."),
+                 max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
+                 top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
+                 batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt) -> None:
+    """Score base vs adapter answers on the run's eval split; writes eval.json and predictions.jsonl."""
+    from loralab.evaluation import evaluate_run
+
+    settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
+    _no_loading_bar()
+    report = evaluate_run(run_dir, data_path=data, limit=limit, checkpoint=checkpoint, settings=settings, progress=True)
+    print_eval(report, run_dir, show)
+
+
+@app.command()
+@handle_errors
+def compare(run_dir: Path = RunArg, prompt: Optional[list[str]] = PromptOpt, prompts_file: Optional[Path] = PromptsFileOpt,
+            checkpoint: str = CheckpointOpt, as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+            max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
+            top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
+            batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt) -> None:
+    """Base and adapter answers side by side for the given prompts."""
+    import json
+
+    from loralab.evaluation import compare_prompts
+
+    _need_prompts(prompt, prompts_file)
+    settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
+    run = _load_run(run_dir, checkpoint)
+    rows = compare_prompts(run_dir, _prompts(run, prompt, prompts_file), settings, loaded=run)
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table("prompt", "base", "adapter", title=f"{run_dir} (adapter {checkpoint})", show_lines=True)
+    for row in rows:
+        table.add_row(row["prompt"], row["base"], row["adapter"])
+    console.print(table, markup=False)
+
+
+@app.command()
+@handle_errors
+def generate(run_dir: Path = RunArg, prompt: Optional[list[str]] = PromptOpt, prompts_file: Optional[Path] = PromptsFileOpt,
+             checkpoint: str = CheckpointOpt, base: bool = typer.Option(False, "--base", help="Answer with the base model."),
+             max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
+             top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
+             batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt) -> None:
+    """Answer prompts with the adapter (one prompt: just the answer; several: each prompt, then its answer)."""
+    from loralab.generation import generate_answers
+
+    _need_prompts(prompt, prompts_file)
+    settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
+    run = _load_run(run_dir, checkpoint)
+    prompts = _prompts(run, prompt, prompts_file)
+    answers = generate_answers(run, prompts, settings, use_adapter=not base, progress=len(prompts) > batch_size)
+    if len(prompts) == 1:
+        typer.echo(answers[0])
+        return
+    for item, answer in zip(prompts, answers):
+        typer.echo(f"> {getattr(item, 'prompt', item)}\n{answer}\n")
+
+
+@app.command()
+@handle_errors
+def chat(run_dir: Path = RunArg, checkpoint: str = CheckpointOpt,
+         base: bool = typer.Option(False, "--base", help="Chat with the base model."),
+         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens per answer."),
+         do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt, top_k: Optional[int] = TopKOpt,
+         top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt, seed: Optional[int] = SeedOpt) -> None:
+    """Chat with the adapter: one message per line; '/reset' starts over, 'exit' or Ctrl-D quits."""
+    from loralab.generation import chat_reply
+
+    settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, 1, seed)
+    run = _load_run(run_dir, checkpoint)
+    who = "base model" if base else f"adapter {checkpoint}"
+    err_console.print(f"chatting with {run_dir} ({who}); '/reset' starts over, 'exit' or Ctrl-D quits", highlight=False)
+    history: list[dict[str, str]] = []
+    while True:
+        typer.echo("you> ", nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            typer.echo("")
+            break
+        text = line.strip()
+        if text.lower() in ("exit", "quit", "/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            continue
+        if text:
+            typer.echo(f"bot> {chat_reply(run, history, text, settings, use_adapter=not base)}")
+
+
+# ---------------------------------------------------------------- sweep
+
+
+@app.command()
+@handle_errors
+def sweep(source: Optional[Path] = typer.Argument(None, help="A sweep file (top-level grid:) or a base config file."),
+          grid: Optional[list[str]] = typer.Option(None, "--grid", help="key=v1,v2,... (repeatable); list values as "
+                                                   "'lora.target_modules=\\[q_proj,v_proj],\\[q_proj,k_proj,v_proj,o_proj]'."),
+          name: Optional[str] = typer.Option(None, "--name", help="Sweep folder: <sweeps-dir>/<name> (default: the file's name)."),
+          sets: Optional[list[str]] = SetOpt, data: Optional[str] = DataOpt, model: Optional[str] = ModelOpt,
+          metric: Optional[str] = typer.Option(None, "--metric", help="Picks the best run: eval_loss (default), rouge_l, chrf, exact_match, bleu."),
+          prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Prompts for the side-by-side answers (default: 3 from the eval split)."),
+          eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Generation metrics on the first N eval examples."),
+          max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens per generated answer (default 64)."),
+          sweeps_dir: Optional[Path] = typer.Option(None, "--sweeps-dir", help="Where sweep folders go (default: sweeps)."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="List the runs that would be made; train nothing."),
+          report_only: bool = typer.Option(False, "--report-only", help="Only rebuild the reports from the run folders."),
+          backend: str = typer.Option("local", "--backend", help="local (one run after another) or optuna (distributed workers)."),
+          storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage: a database URL or a journal file path "
+                                                "(default: <sweep folder>/optuna.journal)."),
+          retry_failed: bool = typer.Option(False, "--retry-failed", help="Train runs recorded as failed again, from scratch."),
+          skip_checks: bool = typer.Option(False, "--skip-checks", help="Do not run the preflight checks.")) -> None:
+    """Train and evaluate every combination of a grid; compare them in sweeps/<name>/ (CSV, Markdown, PNG, HTML)."""
+    from loralab.sweeps import load_saved_sweep, load_sweep, run_sweep
+
+    if report_only and source is None and not grid:
+        spec = load_saved_sweep(Path(sweeps_dir or "sweeps") / (name or "sweep"))
+        spec.metric = metric or spec.metric
+    else:
+        shortcuts = ([f"model.name_or_path={model}"] if model else []) + ([f"data.path={data}"] if data else [])
+        spec = load_sweep(source, grid or [], [_quote_path(o) for o in shortcuts + list(sets or [])], name=name,
+                          metric=metric, eval_limit=eval_limit, max_new_tokens=max_new_tokens, prompts_file=prompts_file,
+                          sweeps_dir=sweeps_dir)
+    result = run_sweep(spec, dry_run=dry_run, report_only=report_only, backend=backend, storage=storage,
+                       retry_failed=retry_failed, progress=True, preflight=None if skip_checks else _preflight())
+    print_sweep(result, retry_failed)
+    if not dry_run and result.runs and all(o.status == "failed" for o in result.runs):
+        raise LoralabError(f"every run of sweep {spec.name} failed; see {result.sweep_dir / 'comparison.md'}")
+
+
+def print_sweep(result: Any, retry_failed: bool = False) -> None:
+    """The runs of a sweep: planned actions for a dry run, else status, metric and the best run."""
+    spec = result.spec
+    title = f"sweep {spec.name}: {len(result.runs)} runs in {result.sweep_dir}"
+    if result.dry_run:
+        table = Table("#", title=f"{title} (dry run: nothing is trained)")
+        for column in ("run", "values", "would"):
+            table.add_column(column, overflow="fold")
+        for i, outcome in enumerate(result.runs, 1):
+            would = {"skipped": "skip (finished)", "failed": "retry" if retry_failed else f"skip (failed: {outcome.reason})",
+                     "resume": "resume from its last checkpoint"}.get(outcome.action, outcome.action)
+            table.add_row(str(i), outcome.run.name, "\n".join(outcome.run.overrides), would)
+        console.print(table, markup=False)
+        return
+    table = Table(title=title)
+    for column in ("run", "status", "this time", spec.metric, "reason"):
+        table.add_column(column, overflow="fold")
+    for outcome in result.runs:
+        best = " (best)" if outcome.run.name == result.best else ""
+        table.add_row(outcome.run.name + best, outcome.status, outcome.action, _fmt(outcome.metric(spec.metric)),
+                      outcome.reason or "", style="bold green" if best else ("red" if outcome.status == "failed" else None))
+    console.print(table, markup=False)
+    if result.best:
+        console.print(f"best run by {spec.metric}: {result.best}", highlight=False)
+    console.print(f"wrote {', '.join(p.name for p in result.files.values())} in {result.sweep_dir}", highlight=False)
+
+
+# ---------------------------------------------------------------- check
+
+STATUS_STYLES = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red"}
+
+
+@app.command()
+@handle_errors
+def check(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, model: Optional[str] = ModelOpt,
+          sets: Optional[list[str]] = SetOpt,
+          show: int = typer.Option(0, "--show", min=0, help="Render N tokenized train examples, supervised tokens marked."),
+          as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON on stdout (and nothing else)."),
+          fast: bool = typer.Option(False, "--fast", help="Only the quick checks `train` runs first (no cost estimate).")) -> None:
+    """Preflight checks on the same config as `train`: pass / warn / fail with a reason each; exit 1 when one fails."""
+    import transformers
+
+    from loralab.checks import render_examples, run_checks
+    from loralab.checks.show import COLOR_LEGEND, LEGEND
+
+    transformers.utils.logging.disable_progress_bar()
+    resolved = resolve_config(config, data, model, sets)
+    report = run_checks(resolved, show=show, include_cost=not fast, debug=STATE["debug"])
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        if report.examples:
+            colored = console.is_terminal and report.session is not None
+            examples = render_examples(report.session, show, color=True) if colored else report.examples
+            console.print(COLOR_LEGEND if colored else LEGEND, markup=False, highlight=False)
+            for example in examples:
+                console.print(example, markup=False, highlight=False, soft_wrap=True)
+        print_checks(report)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def print_checks(report: Any) -> None:
+    """The checks as a table (check, status, reason) and a one-line verdict."""
+    from rich.text import Text
+
+    table = Table(title=f"loralab check ({report.seconds:.1f} s)")
+    table.add_column("check", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("reason", overflow="fold")
+    for result in report.results:
+        table.add_row(result.name, Text(result.status, style=STATUS_STYLES[result.status]), Text(result.reason))
+    console.print(table)
+    warnings = len(report.warnings)
+    verdict = (f"{len(report.failed)} failed" if report.failed else "nothing failed") + f", {warnings} warning{'s' * (warnings != 1)}"
+    console.print(Text(verdict, style="bold red" if report.failed else "bold green"))
 
 
 def main() -> None:

@@ -1,0 +1,243 @@
+"""Measure what an adapter changed: base vs adapter answers on the eval split, scored against the references.
+
+``evaluate_run`` writes ``RUN_DIR/eval.json`` (corpus scores) and ``RUN_DIR/predictions.jsonl`` (one line per
+example); ``GenerationMetricsCallback`` puts the same metrics into ``metrics.jsonl`` during training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from loralab.config import DataConfig, RunConfig
+from loralab.data import Example, detect_format, load_examples, parse_rows, read_rows, split_examples
+from loralab.errors import DataError, LoralabError
+from loralab.generation import (
+    GenerationSettings,
+    LoadedRun,
+    check_generative,
+    generate_answers,
+    load_run_model,
+    model_device,
+    run_task_type,
+)
+from loralab.metrics import METRIC_NAMES, score_corpus, score_pair
+from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
+
+
+# ---------------------------------------------------------------- which examples
+
+
+def has_reference(record: Any, cfg: DataConfig, fmt: str) -> bool:
+    """Whether a raw row carries a reference answer for its format."""
+    if not isinstance(record, dict):
+        return True  # let parse_rows report the bad row
+    if fmt == "messages":
+        messages = record.get(cfg.messages_field)
+        return bool(isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                    and messages[-1].get("role") == "assistant")
+    return ("output" if fmt == "alpaca" else cfg.response_field) in record
+
+
+def _without_reference(record: dict, cfg: DataConfig, fmt: str) -> dict:
+    """The row with an empty reference, so that the prompt is parsed and validated exactly as in training."""
+    if fmt == "messages":
+        messages = record.get(cfg.messages_field)
+        if isinstance(messages, list):
+            return {**record, cfg.messages_field: [*messages, {"role": "assistant", "content": ""}]}
+        return record
+    return {**record, ("output" if fmt == "alpaca" else cfg.response_field): ""}
+
+
+def load_prompts_file(path: str | Path, cfg: DataConfig, task_type: str) -> tuple[list[Example], bool]:
+    """All rows of a data file and whether they carry reference answers.
+
+    A file where no row has a reference (e.g. only ``instruction``) gives prompts to answer; a file where some rows
+    have one and others not is an error naming the first row without.
+    """
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"data file {path}: no examples found (the dataset is empty)")
+    fmt = detect_format(rows, cfg)
+    if any(has_reference(record, cfg, fmt) for _, record in rows):
+        return parse_rows(rows, cfg, str(path), task_type), True
+    filled = [(row, _without_reference(record, cfg, fmt) if isinstance(record, dict) else record) for row, record in rows]
+    return parse_rows(filled, cfg, str(path), task_type), False
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+
+
+def read_prompts(path: str | Path, cfg: DataConfig, task_type: str) -> list[Example]:
+    """Prompts from a file: a JSON / JSONL / CSV data file (references optional), else one prompt per non-empty line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"prompts file not found: {path}")
+    if path.is_dir() or path.suffix.lower() in DATA_SUFFIXES:
+        return load_prompts_file(path, cfg, task_type)[0]
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"prompts file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    prompts = [Example(prompt=line, response="", row=i) for i, line in enumerate(lines, start=1) if line]
+    if not prompts:
+        raise DataError(f"prompts file {path}: no prompts found (expected one prompt per line)")
+    return prompts
+
+
+def eval_examples(config: RunConfig, task_type: str, run_dir: str | Path) -> list[Example]:
+    """The eval split training used: ``data.eval_path``, or the same seeded split of ``data.path``."""
+    cfg = config.data
+    source = cfg.eval_path or cfg.path
+    if source and not Path(source).exists():
+        raise LoralabError(f"run {run_dir}: its data file {source} is not found from here; pass --data FILE")
+    if cfg.eval_path:
+        return load_examples(cfg, task_type, cfg.eval_path)
+    if cfg.eval_split == 0:
+        raise LoralabError(f"run {run_dir} has no eval split (data.eval_split=0 and no data.eval_path); pass --data FILE")
+    return split_examples(load_examples(cfg, task_type), cfg.eval_split, cfg.seed)[1]
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def generation_metrics(model: Any, tokenizer: Any, config: RunConfig, task_type: str, examples: Sequence[Example],
+                       settings: GenerationSettings | None = None) -> dict[str, float]:
+    """Corpus scores of the model's answers, keyed ``eval_exact_match``, ``eval_rouge_l``, ``eval_chrf``, ``eval_bleu``."""
+    answers = generate_answers(model, examples, settings, tokenizer=tokenizer, config=config, task_type=task_type)
+    scores = score_corpus(answers, [e.response for e in examples])
+    return {f"eval_{name}": scores[name] for name in METRIC_NAMES}
+
+
+def prediction_rows(examples: Sequence[Example], base: list[str], adapter: list[str], with_references: bool) -> list[dict]:
+    """The lines of predictions.jsonl: prompt, reference, both answers and, with references, per-example scores."""
+    rows = []
+    for example, base_answer, adapter_answer in zip(examples, base, adapter):
+        row: dict[str, Any] = {"row": example.row, "prompt": example.prompt,
+                               "reference": example.response if with_references else None,
+                               "base": base_answer, "adapter": adapter_answer}
+        if example.messages:
+            row["messages"] = example.messages
+        if with_references:
+            row["base_scores"] = score_pair(base_answer, example.response)
+            row["adapter_scores"] = score_pair(adapter_answer, example.response)
+        rows.append(row)
+    return rows
+
+
+def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit: int | None = None,
+                 checkpoint: str | int = "best", settings: GenerationSettings | None = None,
+                 progress: bool = True, loaded: LoadedRun | None = None) -> dict[str, Any]:
+    """Answer the eval split (or every row of ``data_path``) with the base model and the adapter, and score both.
+
+    Writes ``eval.json`` (``{"base": {exact_match, rouge_l, chrf, bleu, n}, "adapter": {...}, ...}``) and
+    ``predictions.jsonl``; a data file without reference answers gives answers only (no scores, no eval.json).
+    Returns eval.json's content with ``references`` (bool) and ``predictions`` (the rows of predictions.jsonl).
+    ``loaded``: a run already in memory (then ``checkpoint`` is not used).
+    """
+    if limit is not None and limit < 1:
+        raise LoralabError(f"--limit must be at least 1, got {limit}")
+    settings = settings or GenerationSettings()
+    if loaded is None:  # fail on a bad run, checkpoint or data file before loading any weights
+        resolve_adapter(run_dir, str(checkpoint))
+        config = load_run_config(run_dir)
+        task_type = check_generative(run_task_type(config), run_dir)
+    else:
+        config, task_type = loaded.config, loaded.task_type
+    if data_path is not None:
+        examples, with_references = load_prompts_file(data_path, config.data, task_type)
+    else:
+        examples, with_references = eval_examples(config, task_type, run_dir), True
+    examples = examples[:limit] if limit else examples
+    run = loaded or load_run_model(run_dir, checkpoint)
+    paths = RunPaths(Path(run_dir))
+
+    base = generate_answers(run, examples, settings, use_adapter=False, progress=progress, description="base answers")
+    adapter = generate_answers(run, examples, settings, use_adapter=True, progress=progress, description="adapter answers")
+    predictions = prediction_rows(examples, base, adapter, with_references)
+    references = [e.response for e in examples]
+    report: dict[str, Any] = {
+        "base": score_corpus(base, references) if with_references else None,
+        "adapter": score_corpus(adapter, references) if with_references else None,
+        "n": len(examples),
+        "checkpoint": _relative(run.adapter_path, paths.root),
+        "data": str(data_path) if data_path is not None else "eval split",
+        "generation": settings.to_dict(),
+    }
+    write_text_atomic(paths.predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    if with_references:
+        write_json_atomic(paths.eval_report, report)
+    return {**report, "references": with_references, "predictions": predictions}
+
+
+def _relative(path: Path | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def compare_prompts(run_dir: str | Path, prompts: Sequence[str | Example], settings: GenerationSettings | None = None,
+                    checkpoint: str | int = "best", loaded: LoadedRun | None = None) -> list[dict[str, str]]:
+    """Base and adapter answers for each prompt: ``[{"prompt", "base", "adapter"}, ...]`` (``loaded``: a run in memory)."""
+    if not prompts:
+        raise LoralabError("no prompts given; pass --prompt TEXT or --prompts-file FILE")
+    run = loaded or load_run_model(run_dir, checkpoint)
+    base = generate_answers(run, prompts, settings, use_adapter=False)
+    adapter = generate_answers(run, prompts, settings, use_adapter=True)
+    return [{"prompt": p.prompt if isinstance(p, Example) else p, "base": b, "adapter": a}
+            for p, b, a in zip(prompts, base, adapter)]
+
+
+# ---------------------------------------------------------------- during training
+
+
+def mixed_precision(args: Any, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to the Trainer's bf16 / fp16 precision (nothing for fp32)."""
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+class GenerationMetricsCallback(TrainerCallback):
+    """On each evaluation, generate answers for up to ``train.eval_generate_limit`` eval examples and log the scores.
+
+    The scores are added to the evaluation's metrics, to the Trainer's log history and, as one line, to metrics.jsonl.
+    """
+
+    def __init__(self, tokenizer: Any, config: RunConfig, task_type: str, examples: Sequence[Example],
+                 metrics_path: Path | None = None, settings: GenerationSettings | None = None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.task_type = task_type
+        self.examples = list(examples)[: config.train.eval_generate_limit]
+        self.metrics_path = metrics_path
+        self.settings = settings or GenerationSettings(batch_size=config.train.eval_batch_size or config.train.batch_size)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, metrics: dict | None = None,
+                    **kwargs: Any) -> None:
+        if model is None or not self.examples:
+            return
+        with mixed_precision(args, model_device(model)):  # as the Trainer computes eval_loss (bf16 frozen weights too)
+            scores = generation_metrics(model, self.tokenizer, self.config, self.task_type, self.examples, self.settings)
+        if metrics is not None:
+            metrics.update(scores)
+        state.log_history.append({**scores, "epoch": state.epoch, "step": state.global_step})
+        if self.metrics_path is not None:
+            from loralab.training import MetricsFileCallback
+
+            MetricsFileCallback(self.metrics_path).on_log(args, state, control, logs=dict(scores))
+
+
+def generation_callback(session: Any, metrics_path: Path | None = None) -> GenerationMetricsCallback:
+    """The callback for a training session (``loralab.training.Session``) with ``train.eval_generate``."""
+    if session.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise LoralabError(f"train.eval_generate needs a text-generation model, not {session.task_type}; set it to false")
+    return GenerationMetricsCallback(session.tokenizer, session.config, session.task_type,
+                                     session.data.eval_examples, metrics_path)
