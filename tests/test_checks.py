@@ -32,8 +32,8 @@ def _config(model_dir, data, tmp, **extra):
 
 @pytest.fixture(scope="module")
 def session(tiny_llama_dir, data_file, tmp_path_factory):
-    """The tiny Llama with the default packing collator."""
-    return setup(_config(tiny_llama_dir, data_file, tmp_path_factory.mktemp("runs")))
+    """The tiny Llama with the packing collator (train.packing=true)."""
+    return setup(_config(tiny_llama_dir, data_file, tmp_path_factory.mktemp("runs"), **{"train.packing": "true"}))
 
 
 @pytest.fixture(scope="module")

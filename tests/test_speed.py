@@ -95,7 +95,8 @@ def _first_logged_loss(run_dir):
 
 def test_fast_training_path_matches_plain_path(tiny_llama_dir, opposites_file, tmp_path):
     common = {"train.max_steps": 1, "train.logging_steps": 1, "train.gradient_accumulation": 2, "data.eval_split": 0.0}
-    fast = build_config(overrides=tiny_overrides(tiny_llama_dir, opposites_file, tmp_path, name="fast", **common))
+    fast = build_config(overrides=tiny_overrides(tiny_llama_dir, opposites_file, tmp_path, name="fast", **common,
+                                                 **{"train.packing": True}))
     plain = build_config(overrides=tiny_overrides(tiny_llama_dir, opposites_file, tmp_path, name="plain", **common,
                                                   **{"train.packing": False, "train.supervised_logits_only": False,
                                                      "train.group_by_length": True}))
