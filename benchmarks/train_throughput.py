@@ -12,8 +12,8 @@ way for every recipe: its saved adapter on a fresh fp32 base, mean supervised cr
 
 Recipes:
   usual    Trainer + peft, every example padded to max_length 256, fp32, batch size 5 (the copied notebook).
-  plain    Trainer + peft done well: dynamic padding, length-grouped batches, bf16 autocast, batch size 8.
-  loralab  loralab's default training path (loralab.training.setup + build_trainer), batch size 8.
+  plain    Trainer + peft done well: dynamic padding, length-grouped batches, bf16 autocast, loralab's batch size.
+  loralab  loralab's default training path (loralab.training.setup + build_trainer) and default batch size.
 """
 
 from __future__ import annotations
@@ -106,7 +106,10 @@ def hf_trainer(model, tokenizer, dataset, collator, out: str, batch_size: int, b
 # ---------------------------------------------------------------- recipes (each runs in a child process)
 
 
-def recipe_hf(records, out: str, padded: bool) -> tuple[object, CountingCollator, int]:
+BATCH = {"usual": 5, "plain": None, "loralab": None}  # None: --batch-size (default: loralab's own default)
+
+
+def recipe_hf(records, out: str, padded: bool, batch: int) -> tuple[object, CountingCollator, int]:
     """The usual recipe (padded=True) or the well-tuned plain one (padded=False)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
@@ -126,12 +129,11 @@ def recipe_hf(records, out: str, padded: bool) -> tuple[object, CountingCollator
             dataset.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     tokenizer.padding_side = "right"
     collator = CountingCollator(default_data_collator if padded else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
-    batch = 5 if padded else 8
     trainer = hf_trainer(model, tokenizer, dataset, collator, out, batch, bf16=not padded, group_by_length=not padded)
     return trainer, collator, batch
 
 
-def recipe_loralab(records, out: str) -> tuple[object, CountingCollator, int]:
+def recipe_loralab(records, out: str, batch: int | None, extra: list[str]) -> tuple[object, CountingCollator, int]:
     from loralab.config import build_config
     from loralab.runs import RunPaths
     from loralab.training import build_trainer, setup
@@ -140,7 +142,7 @@ def recipe_loralab(records, out: str) -> tuple[object, CountingCollator, int]:
     data.write_text(json.dumps(records))
     config = build_config(overrides=[f"data.path={data}", "data.eval_split=0", "train.epochs=1", f"train.learning_rate={LR}",
                                      f"lora.r={R}", f"lora.alpha={ALPHA}", f"lora.dropout={DROPOUT}", "train.save_total_limit=1",
-                                     f"output_dir={out}", "name=run"])
+                                     f"output_dir={out}", "name=run", *([f"train.batch_size={batch}"] if batch else []), *extra])
     session = setup(config)
     session.collator = CountingCollator(session.collator)
     paths = RunPaths(Path(out) / "run")
@@ -150,15 +152,18 @@ def recipe_loralab(records, out: str) -> tuple[object, CountingCollator, int]:
     return trainer, session.collator, config.train.batch_size
 
 
-def run_child(name: str, n: int) -> dict:
+def run_child(name: str, n: int, batch: int | None, extra: list[str]) -> dict:
     """Train one recipe and measure it (called in a fresh process)."""
+    from loralab.config import TrainConfig
+
     torch.manual_seed(0)
     records = examples(n)
+    batch = BATCH[name] or batch or TrainConfig().batch_size
     with tempfile.TemporaryDirectory() as out:
         if name == "loralab":
-            trainer, collator, batch = recipe_loralab(records, out)
+            trainer, collator, batch = recipe_loralab(records, out, batch, extra)
         else:
-            trainer, collator, batch = recipe_hf(records, out, padded=name == "usual")
+            trainer, collator, batch = recipe_hf(records, out, padded=name == "usual", batch=batch)
         started = time.perf_counter()
         result = trainer.train()
         elapsed = time.perf_counter() - started
@@ -191,12 +196,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer examples (about 8 minutes on 2 cores)")
     parser.add_argument("--examples", type=int, default=None, help="number of training examples (default 254, quick 80)")
     parser.add_argument("--recipes", default="usual,plain,loralab")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size of the plain and loralab recipes (default: loralab's default); usual uses 5")
+    parser.add_argument("--loralab-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the loralab recipe, for ablations (e.g. train.packing=true)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     n = args.examples or (80 if args.quick else 254)
     if args.child:
-        print(json.dumps(run_child(args.child, n)))
+        print(json.dumps(run_child(args.child, n, args.batch_size, args.loralab_set)))
         return
 
     from loralab.data import IGNORE_INDEX  # noqa: F401  (fail early if loralab is not installed)
@@ -214,7 +223,11 @@ def main() -> None:
 
     results = []
     for name in args.recipes.split(","):
-        child = subprocess.run([sys.executable, __file__, "--child", name, "--examples", str(n)], capture_output=True, text=True,
+        command = [sys.executable, __file__, "--child", name, "--examples", str(n)]
+        if args.batch_size:
+            command += ["--batch-size", str(args.batch_size)]
+        command += [arg for item in args.loralab_set for arg in ("--loralab-set", item)]
+        child = subprocess.run(command, capture_output=True, text=True,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"})
         if child.returncode != 0:
             sys.exit(f"recipe {name} failed:\n{child.stderr[-3000:]}")

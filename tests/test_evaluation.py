@@ -30,17 +30,6 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models generate token by token: one torch thread avoids thread-sync stalls on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tiny_llama_dir, tmp_path_factory):
     """A tiny run trained with generation metrics at each evaluation."""

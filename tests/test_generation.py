@@ -30,17 +30,6 @@ def _train(model_dir, tmp, name, **extra):
     return tmp / "runs" / name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models generate token by token: one torch thread avoids thread-sync stalls on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def llama_run(tiny_llama_dir, tmp_path_factory):
     # dropout on: answers only stay deterministic because generation runs in eval mode

@@ -99,7 +99,7 @@ def test_fast_training_path_matches_plain_path(tiny_llama_dir, opposites_file, t
                                                  **{"train.packing": True}))
     plain = build_config(overrides=tiny_overrides(tiny_llama_dir, opposites_file, tmp_path, name="plain", **common,
                                                   **{"train.packing": False, "train.supervised_logits_only": False,
-                                                     "train.group_by_length": True}))
+                                                     "train.group_by_length": False}))
     assert fast.train.packing and fast.train.supervised_logits_only
     train(fast, progress=False)
     train(plain, progress=False)

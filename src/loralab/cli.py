@@ -193,17 +193,9 @@ def _settings(max_new_tokens: int, do_sample: bool, temperature: Optional[float]
                               top_p=top_p, num_beams=num_beams, batch_size=batch_size, seed=seed)
 
 
-def _no_loading_bar() -> None:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-
-
 def _load_run(run_dir: Path, checkpoint: str) -> Any:
     """The run's model with its adapter, without transformers' weight-loading bar."""
     from loralab.generation import load_run_model
-
-    _no_loading_bar()
     return load_run_model(run_dir, checkpoint)
 
 
@@ -256,7 +248,6 @@ def eval_command(run_dir: Path = RunArg,
     from loralab.evaluation import evaluate_run
 
     settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
-    _no_loading_bar()
     report = evaluate_run(run_dir, data_path=data, limit=limit, checkpoint=checkpoint, settings=settings, progress=True)
     print_eval(report, run_dir, show)
 
@@ -455,6 +446,20 @@ def print_checks(report: Any) -> None:
     warnings = len(report.warnings)
     verdict = (f"{len(report.failed)} failed" if report.failed else "nothing failed") + f", {warnings} warning{'s' * (warnings != 1)}"
     console.print(Text(verdict, style="bold red" if report.failed else "bold green"))
+
+
+@app.command("export")
+@handle_errors
+def export(run_dir: Path = typer.Argument(..., help="A run folder made by loralab train."),
+           output: Path = typer.Option(..., "--output", help="Folder for the merged model."),
+           checkpoint: str = typer.Option("best", "--checkpoint", help="best, latest or a step number."),
+           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder.")) -> None:
+    """Merge the adapter into the base model and save a standalone safetensors model (+ tokenizer)."""
+    from loralab.export import export_merged
+
+    folder = export_merged(run_dir, output, checkpoint=checkpoint, dtype=dtype, overwrite=overwrite)
+    console.print(f"merged model written to {folder} (loads with AutoModel...from_pretrained, no peft needed)")
 
 
 def main() -> None:

@@ -117,8 +117,11 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str | int = "best") -> LoadedRun:
-    """Load a run's base model once and attach its adapter (``best``, ``latest`` or a checkpoint step)."""
+def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_precision: bool = False) -> LoadedRun:
+    """Load a run's base model once and attach its adapter (``best``, ``latest`` or a checkpoint step).
+
+    ``full_precision`` loads a QLoRA run's base without 4-bit quantization (for merging).
+    """
     from peft import PeftModel
 
     adapter_path = resolve_adapter(run_dir, str(checkpoint))
@@ -127,7 +130,8 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best") -> Loade
     config = load_run_config(run_dir)
     task_type = check_generative(run_task_type(config), run_dir)
     tokenizer = load_tokenizer(config.model, task_type)
-    base = load_model(config.model, task_type)
+    model_cfg = config.model.model_copy(update={"load_in_4bit": False}) if full_precision else config.model
+    base = load_model(model_cfg, task_type)
     if task_type == "CAUSAL_LM" and base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     try:

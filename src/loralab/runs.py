@@ -88,7 +88,8 @@ def replace_dir_atomic(staging: Path, target: Path) -> None:
         shutil.rmtree(backup)
 
 
-def _comparable(config: RunConfig) -> dict[str, Any]:
+def comparable_config(config: RunConfig) -> dict[str, Any]:
+    """A run's config without the keys that may differ between attempts at the same run."""
     data = config.model_dump(mode="json")
     data["train"].pop("resume", None)
     data.pop("output_dir", None)
@@ -112,7 +113,7 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, *, overwrite: bool, resume
             raise LoralabError(f"output folder {run_dir} is not empty and holds no loralab run; choose another --output or pass --overwrite")
         elif resume:
             saved = load_run_config(run_dir)
-            if _comparable(saved) != _comparable(config):
+            if comparable_config(saved) != comparable_config(config):
                 raise LoralabError(f"output folder {run_dir} holds a different run (its config.yaml differs); "
                                    "resume with the same config, use another --output, or pass --overwrite")
             return paths

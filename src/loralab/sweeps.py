@@ -25,7 +25,8 @@ import yaml
 
 from loralab.config import RunConfig, build_config, config_keys, parse_override, read_yaml, set_dotted
 from loralab.errors import ConfigError, LoralabError
-from loralab.runs import RunPaths, list_checkpoints, load_run_config, read_summary, write_json_atomic, write_text_atomic
+from loralab.runs import (RunPaths, comparable_config, list_checkpoints, load_run_config, read_summary, write_json_atomic,
+                          write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -345,13 +346,6 @@ def expand_grid(spec: SweepSpec) -> list[PlannedRun]:
 
 
 # ---------------------------------------------------------------- run state on disk
-
-
-def comparable_config(config: RunConfig) -> dict[str, Any]:
-    data = config.model_dump(mode="json")
-    data["train"].pop("resume", None)
-    data.pop("output_dir", None)
-    return data
 
 
 def failure_path(run: PlannedRun) -> Path:
