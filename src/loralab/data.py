@@ -349,13 +349,17 @@ class PreparedData:
         return sum(sum(1 for x in t.labels if x != IGNORE_INDEX) for t in self.train.tokenized)
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, task_type: str) -> PreparedData:
-    """Load, validate, split and tokenize the configured data."""
+def load_splits(cfg: DataConfig, task_type: str) -> tuple[list[Example], list[Example]]:
+    """Train and eval examples: the data file and ``data.eval_path``, or a seeded split of the data file."""
     examples = load_examples(cfg, task_type)
     if cfg.eval_path:
-        train_examples, eval_examples = examples, load_examples(cfg, task_type, cfg.eval_path)
-    else:
-        train_examples, eval_examples = split_examples(examples, cfg.eval_split, cfg.seed)
+        return examples, load_examples(cfg, task_type, cfg.eval_path)
+    return split_examples(examples, cfg.eval_split, cfg.seed)
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any, task_type: str) -> PreparedData:
+    """Load, validate, split and tokenize the configured data."""
+    train_examples, eval_examples = load_splits(cfg, task_type)
     label_ids = label_vocabulary(train_examples + eval_examples) if task_type == "SEQ_CLS" else None
 
     def features(part: list[Example]) -> FeatureDataset:

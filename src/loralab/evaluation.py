@@ -6,16 +6,14 @@ example); ``GenerationMetricsCallback`` puts the same metrics into ``metrics.jso
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from transformers import TrainerCallback
 
 from loralab.config import DataConfig, RunConfig
-from loralab.data import Example, detect_format, load_examples, parse_rows, read_rows, split_examples
+from loralab.data import Example, detect_format, load_examples, load_splits, parse_rows, read_rows
 from loralab.errors import DataError, LoralabError
 from loralab.generation import (
     GenerationSettings,
@@ -24,9 +22,9 @@ from loralab.generation import (
     generate_answers,
     load_run_model,
     model_device,
-    run_task_type,
 )
 from loralab.metrics import METRIC_NAMES, score_corpus, score_pair
+from loralab.models import resolve_task_type
 from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
 
 
@@ -100,7 +98,7 @@ def eval_examples(config: RunConfig, task_type: str, run_dir: str | Path) -> lis
         return load_examples(cfg, task_type, cfg.eval_path)
     if cfg.eval_split == 0:
         raise LoralabError(f"run {run_dir} has no eval split (data.eval_split=0 and no data.eval_path); pass --data FILE")
-    return split_examples(load_examples(cfg, task_type), cfg.eval_split, cfg.seed)[1]
+    return load_splits(cfg, task_type)[1]
 
 
 # ---------------------------------------------------------------- scoring
@@ -146,7 +144,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit
     if loaded is None:  # fail on a bad run, checkpoint or data file before loading any weights
         resolve_adapter(run_dir, str(checkpoint))
         config = load_run_config(run_dir)
-        task_type = check_generative(run_task_type(config), run_dir)
+        task_type = check_generative(resolve_task_type(config), run_dir)
     else:
         config, task_type = loaded.config, loaded.task_type
     if data_path is not None:
@@ -199,12 +197,6 @@ def compare_prompts(run_dir: str | Path, prompts: Sequence[str | Example], setti
 # ---------------------------------------------------------------- during training
 
 
-def mixed_precision(args: Any, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast to the Trainer's bf16 / fp16 precision (nothing for fp32)."""
-    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 class GenerationMetricsCallback(TrainerCallback):
     """On each evaluation, generate answers for up to ``train.eval_generate_limit`` eval examples and log the scores.
 
@@ -224,7 +216,9 @@ class GenerationMetricsCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         if model is None or not self.examples:
             return
-        with mixed_precision(args, model_device(model)):  # as the Trainer computes eval_loss (bf16 frozen weights too)
+        from loralab.training import autocast
+
+        with autocast(self.config.train.precision, model_device(model)):  # as the Trainer computes eval_loss
             scores = generation_metrics(model, self.tokenizer, self.config, self.task_type, self.examples, self.settings)
         if metrics is not None:
             metrics.update(scores)

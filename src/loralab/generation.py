@@ -18,7 +18,7 @@ import torch
 from loralab.config import RunConfig
 from loralab.data import Example, encode_prompt, format_prompt
 from loralab.errors import LoralabError
-from loralab.models import detect_task_type, load_model, load_model_config, load_tokenizer
+from loralab.models import load_model, load_tokenizer, resolve_task_type
 from loralab.runs import load_run_config, resolve_adapter
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,6 @@ class LoadedRun:
     run_dir: Path | None = None
 
 
-def run_task_type(config: RunConfig) -> str:
-    """The task type a run was trained for (as training resolves it)."""
-    return config.model.task_type or config.lora.task_type or detect_task_type(load_model_config(config.model))
-
-
 def check_generative(task_type: str, run_dir: str | Path) -> str:
     """The task type, if it generates text; else a clear error."""
     if task_type not in GENERATIVE_TASKS:
@@ -128,7 +123,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
     if not (adapter_path / "adapter_config.json").is_file():
         raise LoralabError(f"{adapter_path} holds no adapter (no adapter_config.json)")
     config = load_run_config(run_dir)
-    task_type = check_generative(run_task_type(config), run_dir)
+    task_type = check_generative(resolve_task_type(config), run_dir)
     tokenizer = load_tokenizer(config.model, task_type)
     model_cfg = config.model.model_copy(update={"load_in_4bit": False}) if full_precision else config.model
     base = load_model(model_cfg, task_type)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loralab.config import DEFAULT_MODEL, LoraSettings, ModelConfig
+from loralab.config import DEFAULT_MODEL, LoraSettings, ModelConfig, RunConfig
 from loralab.errors import LoralabError
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,11 @@ def detect_task_type(hf_config: Any) -> str:
     if getattr(hf_config, "model_type", "") in ENCODER_ONLY_TYPES:
         return "SEQ_CLS"
     return "CAUSAL_LM"
+
+
+def resolve_task_type(config: RunConfig) -> str:
+    """A run's task type: ``model.task_type``, else ``lora.task_type``, else detected from the model's config."""
+    return config.model.task_type or config.lora.task_type or detect_task_type(load_model_config(config.model))
 
 
 ENCODER_ONLY_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "modernbert"}

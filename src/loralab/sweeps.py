@@ -513,16 +513,11 @@ def resolve_prompts(spec: SweepSpec, planned: list[PlannedRun]) -> list[str]:
 
 def default_prompts(config: RunConfig, count: int = DEFAULT_PROMPTS) -> list[str]:
     """The first prompts of the eval split (the examples no run trained on)."""
-    from loralab.data import load_examples, split_examples
-    from loralab.training import resolve_task_type
+    from loralab.data import load_splits
+    from loralab.models import resolve_task_type
 
-    task_type, _ = resolve_task_type(config)
-    if config.data.eval_path:
-        examples = load_examples(config.data, task_type, config.data.eval_path)
-    else:
-        train_part, examples = split_examples(load_examples(config.data, task_type), config.data.eval_split, config.data.seed)
-        examples = examples or train_part
-    return [example.prompt for example in examples[:count]]
+    train_part, eval_part = load_splits(config.data, resolve_task_type(config))
+    return [example.prompt for example in (eval_part or train_part)[:count]]
 
 
 def answers_path(run: PlannedRun) -> Path:

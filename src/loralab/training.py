@@ -21,11 +21,10 @@ from loralab.errors import LoralabError
 from loralab.models import (
     TargetReport,
     apply_lora,
-    detect_task_type,
     load_model,
-    load_model_config,
     load_tokenizer,
     parameter_counts,
+    resolve_task_type,
 )
 from loralab.speed import (PackingCollator, cast_frozen_weights, supervised_lm_loss, supports_supervised_logits,
                            use_fast_dropout)
@@ -55,6 +54,12 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def autocast(precision: str, device: torch.device) -> Any:
+    """The mixed-precision context of training for a ``train.precision`` (resolved for this hardware)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision))
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 # ---------------------------------------------------------------- setup shared by train and check
 
 
@@ -72,15 +77,9 @@ class Session:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_task_type(config: RunConfig) -> tuple[str, Any]:
-    hf_config = load_model_config(config.model)
-    task_type = config.model.task_type or config.lora.task_type or detect_task_type(hf_config)
-    return task_type, hf_config
-
-
 def load_tokenizer_and_data(config: RunConfig) -> tuple[str, Any, PreparedData]:
     """The cheap half of setup (no model weights): task type, tokenizer, tokenized data."""
-    task_type, _ = resolve_task_type(config)
+    task_type = resolve_task_type(config)
     tokenizer = load_tokenizer(config.model, task_type)
     tokenizer.padding_side = "right"  # training pads on the right; generation switches to left
     data = prepare_data(config.data, tokenizer, task_type)
@@ -182,6 +181,12 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
     )
 
 
+def uses_supervised_logits(session: Session) -> bool:
+    """Whether training computes the causal-LM loss only at supervised positions (``supervised_lm_loss``)."""
+    return (session.task_type == "CAUSAL_LM" and session.config.train.supervised_logits_only
+            and supports_supervised_logits(session.model))
+
+
 class SupervisedLogitsTrainer(Trainer):
     """A Trainer whose causal-LM loss projects to the vocabulary only at supervised positions.
 
@@ -209,7 +214,7 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
     cls: type = Trainer
     if session.task_type == "SEQ_2_SEQ_LM":
         cls = Seq2SeqTrainer
-    elif session.task_type == "CAUSAL_LM" and session.config.train.supervised_logits_only and supports_supervised_logits(session.model):
+    elif uses_supervised_logits(session):
         cls = SupervisedLogitsTrainer
     return cls(
         model=session.model,

@@ -40,25 +40,21 @@ def device_of(model: Any) -> torch.device:
 
 
 def autocast(session: Any, device: torch.device) -> Any:
-    """The mixed-precision context training uses (``train.precision`` resolved for this hardware)."""
-    from loralab.training import resolve_precision
+    """The mixed-precision context training uses."""
+    from loralab.training import autocast as training_autocast
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(session.config.train.precision))
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    return training_autocast(session.config.train.precision, device)
 
 
 def training_loss(session: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss the Trainer optimises: supervised-positions-only for causal LMs where training uses it, else the model's."""
-    model = session.model
-    if session.task_type == "CAUSAL_LM" and session.config.train.supervised_logits_only:
-        try:
-            from loralab.speed import supervised_lm_loss, supports_supervised_logits
-        except ImportError:  # pragma: no cover - older trees without the speed module
-            supports_supervised_logits = None
-        if supports_supervised_logits is not None and supports_supervised_logits(model):
-            total, count = supervised_lm_loss(model, batch)
-            return total / count.clamp(min=1)
-    return model(**batch).loss
+    from loralab.speed import supervised_lm_loss
+    from loralab.training import uses_supervised_logits
+
+    if uses_supervised_logits(session):
+        total, count = supervised_lm_loss(session.model, batch)
+        return total / count.clamp(min=1)
+    return session.model(**batch).loss
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
