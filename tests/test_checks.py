@@ -186,12 +186,17 @@ def test_hygiene_finds_empty_fields_duplicates_and_shared_examples(tiny_llama_di
     assert "also in train" in result.reason and result.details["train_eval_shared"]
 
 
-def test_tokenizer_check(session, monkeypatch):
+def test_tokenizer_check(session, tiny_llama_dir):
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
     result = check_tokenizer(session)
     assert result.status == "pass" and "generation pads left" in result.reason and "(= EOS" in result.reason
-    monkeypatch.setattr(session.tokenizer, "pad_token", None)
-    assert session.tokenizer.pad_token_id is None
-    result = check_tokenizer(session)
+    # A fresh tokenizer object without a pad token (the shared session's tokenizer stays untouched).
+    no_pad = AutoTokenizer.from_pretrained(tiny_llama_dir, pad_token=None)
+    assert no_pad.pad_token_id is None
+    result = check_tokenizer(dataclasses.replace(session, tokenizer=no_pad))
     assert result.status == "fail" and "no pad token" in result.reason
 
 

@@ -1,5 +1,7 @@
 """Each speed lever gives the same loss as the plain path on the same batch (within tolerance)."""
 
+import contextlib
+import copy
 import json
 
 import pytest
@@ -7,7 +9,8 @@ import torch
 
 from loralab.config import build_config
 from loralab.data import IGNORE_INDEX, make_collator
-from loralab.speed import PackingCollator, cast_frozen_weights, supervised_lm_loss, supports_supervised_logits
+from loralab.speed import (PackingCollator, cast_frozen_weights, supervised_lm_loss, supervised_logits_exact,
+                           supports_packing, supports_supervised_logits)
 from loralab.training import setup, train
 from conftest import tiny_overrides
 
@@ -41,7 +44,7 @@ def test_supervised_logits_loss_equals_model_loss(session):
         loss_sum, count = supervised_lm_loss(model, batch)
     assert count.item() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
     assert torch.allclose(loss_sum / count, reference, atol=1e-5)
-    assert supports_supervised_logits(model)
+    assert supervised_logits_exact(model) and supports_packing(model) and supports_supervised_logits(model)
 
 
 def test_packing_keeps_each_example_separate(session):
@@ -127,3 +130,266 @@ def test_fast_dropout_has_dropout_statistics_and_replaces_lora_dropout(session):
                 module.lora_dropout[name] = torch.nn.Dropout(0.05)
     assert use_fast_dropout(model) == 14
     assert sum(isinstance(m, FastDropout) for m in model.modules()) == 14
+
+
+# ---------------------------------------------------------------- the supervised-logits loss is exact, or not taken
+
+
+def _tiny_model_dir(folder, config_class, model_class, **settings):
+    """A tiny random causal LM of another architecture, with the tokenizer of conftest's tiny Llama."""
+    from conftest import CHAT_TEMPLATE, _fast, train_tokenizer
+
+    tokenizer = _fast(train_tokenizer(["<|im_start|>", "<|im_end|>", "<unk>"]), bos_token="<|im_start|>",
+                      eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.3, **settings)
+    model = model_class(config)
+    with torch.no_grad():  # non-zero biases, so that training them matters
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory):
+    """Qwen2: q/k/v projections with biases (what lora.bias=all / lora_only train)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen2"), Qwen2Config, Qwen2ForCausalLM)
+
+
+@pytest.fixture(scope="module")
+def speed_data(tmp_path_factory):
+    from conftest import opposite_records
+
+    path = tmp_path_factory.mktemp("speed-data") / "d.json"
+    path.write_text(json.dumps(opposite_records()))
+    return path
+
+
+def _session_for(model_dir, data, out, **overrides):
+    return setup(build_config(overrides=tiny_overrides(model_dir, data, out, **{"lora.init_lora_weights": "gaussian",
+                                                                                 **overrides})))
+
+
+def _batch(session, n=6):
+    session.tokenizer.padding_side = "right"
+    batch = make_collator(session.tokenizer, "CAUSAL_LM")([session.data.train[i] for i in range(n)])
+    assert (batch["attention_mask"] == 0).any() and (batch["labels"] == IGNORE_INDEX).any()
+    return batch
+
+
+def _loss_and_grads(model, compute):
+    model.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    model.zero_grad(set_to_none=True)
+    return loss.detach().float(), grads
+
+
+def _nonzero_lora(model, copy_first=True):
+    """The model (a copy) with non-zero LoRA B matrices, so that every LoRA weight gets a non-zero gradient."""
+    model = copy.deepcopy(model) if copy_first else model
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
+def _fast_loss(model, batch):
+    total, count = supervised_lm_loss(model, batch)
+    return total / count
+
+
+def assert_fast_matches_plain(model, batch, context=contextlib.nullcontext, fast_model=None, rtol=1e-5):
+    """The fast loss and its LoRA gradients equal the model's own loss (with labels) and gradients."""
+    model.train()
+    with context():
+        plain, plain_grads = _loss_and_grads(model, lambda: model(**batch).loss)
+    with context():
+        fast, fast_grads = _loss_and_grads(model, lambda: _fast_loss(fast_model or model, batch))
+    assert torch.isfinite(plain) and fast.item() == pytest.approx(plain.item(), rel=rtol)
+    assert fast_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().item()
+        assert scale > 0, name
+        assert (fast_grads[name] - grad).abs().max().item() <= max(10 * rtol, 1e-6) * scale, name
+    return plain
+
+
+def test_fast_loss_and_gradients_equal_plain_path(session):
+    batch = _padded_batch(session)
+    assert_fast_matches_plain(_nonzero_lora(session.model), batch)
+
+
+def test_fast_loss_exact_on_packed_batches(session):
+    packed = PackingCollator(session.tokenizer.pad_token_id, pack_length=64)(_features(session))
+    assert "attention_mask" not in packed and (packed["position_ids"][:, 1:] == 0).any()
+    assert_fast_matches_plain(_nonzero_lora(session.model), packed)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_fast_loss_exact_with_trained_biases_under_bf16_autocast(tiny_qwen2_dir, speed_data, tmp_path, bias):
+    # bf16 frozen weights (as setup stores them for train.precision=bf16) with trainable fp32 biases: calling the
+    # decoder outside autocast failed with "self and mat2 must have the same dtype"
+    session = _session_for(tiny_qwen2_dir, speed_data, tmp_path, **{"lora.bias": bias, "train.precision": "bf16"})
+    model = _nonzero_lora(session.model, copy_first=False)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    trained_biases = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    assert trained_biases and all(dtypes[n] == torch.float32 for n in trained_biases)
+    assert any(d == torch.bfloat16 for d in dtypes.values())
+    # autocast only around the model's forward, as accelerate applies it in training (the old path skipped it)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    assert_fast_matches_plain(model, _batch(session), rtol=1e-3)
+    # and inside an autocast context (e.g. loralab's checks)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    assert_fast_matches_plain(model, _batch(session), context=bf16, rtol=1e-3)
+
+
+def test_fast_loss_exact_under_fp16_autocast(session):
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+    except (RuntimeError, AssertionError) as exc:  # pragma: no cover - old torch
+        pytest.skip(f"no fp16 autocast on CPU: {exc}")
+    model = _nonzero_lora(session.model)
+    model.forward = torch.autocast("cpu", dtype=torch.float16)(model.forward)  # as accelerate does for fp16
+    with torch.no_grad():
+        assert model(**_padded_batch(session)).logits.dtype == torch.float16  # autocast really applies
+    assert_fast_matches_plain(model, _padded_batch(session), rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_fast_loss_keeps_the_models_own_logit_soft_capping(arch, speed_data, tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    classes = {"gemma2": (Gemma2Config, Gemma2ForCausalLM), "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM)}[arch]
+    folder = _tiny_model_dir(tmp_path / arch, *classes, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
+                             final_logit_softcapping=2.0)
+    session = _session_for(folder, speed_data, tmp_path / "out")
+    model, batch = _nonzero_lora(session.model, copy_first=False), _batch(session)
+    assert supervised_logits_exact(model) and not supports_packing(model)
+    plain = assert_fast_matches_plain(model, batch)
+    with torch.no_grad():  # the plain head (lm_head of the last hidden state) would be wrong: soft-capping matters
+        base = model.get_base_model()
+        hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = base.lm_head(hidden)[:, :-1]
+        uncapped = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten())
+    assert abs(uncapped.item() - plain.item()) > 0.01
+
+
+def test_fast_loss_exact_through_data_parallel(session):
+    model = _nonzero_lora(session.model)
+    wrapped = torch.nn.DataParallel(model)
+    assert not wrapped.device_ids  # no GPU: DataParallel calls the module itself
+    assert supervised_logits_exact(wrapped)
+    assert_fast_matches_plain(model, _padded_batch(session), fast_model=wrapped)
+
+
+def test_trainer_loss_exact_through_data_parallel_and_falls_back_over_several_devices(session, tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    from loralab.training import SupervisedLogitsTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False)
+    trainer = SupervisedLogitsTrainer(model=session.model, args=args)
+    batch = _padded_batch(session)
+    wrapped = torch.nn.DataParallel(session.model)
+    count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    with torch.no_grad():
+        reference = session.model(**batch).loss
+        assert trainer.compute_loss(wrapped, batch).item() == pytest.approx(reference.item(), rel=1e-5)
+        assert trainer.compute_loss(wrapped, batch, num_items_in_batch=count).item() == pytest.approx(reference.item(), rel=1e-5)
+    assert trainer.loss_is_scaled_for_ga is True
+    # replicas on several GPUs would each see a slice of the rows: the Trainer's own loss is used instead
+    wrapped.device_ids = [0, 1]
+    assert not supervised_logits_exact(wrapped)
+    calls = []
+    monkeypatch.setattr(Trainer, "compute_loss", lambda self, model, *a, **k: calls.append(model) or torch.tensor(1.0))
+    assert trainer.compute_loss(wrapped, batch).item() == 1.0 and calls == [wrapped]
+    with pytest.raises(ValueError):
+        supervised_lm_loss(wrapped, batch)
+
+
+def test_fast_loss_exact_through_distributed_data_parallel(session, tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _nonzero_lora(session.model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        assert supervised_logits_exact(wrapped)
+        batch = _padded_batch(session)
+        model.train()
+        plain, plain_grads = _loss_and_grads(model, lambda: wrapped(**batch).loss)
+        fast, fast_grads = _loss_and_grads(model, lambda: _fast_loss(wrapped, batch))
+        assert fast.item() == pytest.approx(plain.item(), rel=1e-5)
+        assert all(torch.allclose(fast_grads[n], g, rtol=1e-4, atol=1e-7) for n, g in plain_grads.items())
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _hooked(module, pre=None, post=None):
+    handles = [module.register_forward_pre_hook(pre)] if pre else []
+    handles += [module.register_forward_hook(post)] if post else []
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_fast_loss_is_exact_or_raises_when_the_output_layer_is_used_unexpectedly(session):
+    model = copy.deepcopy(session.model).eval()
+    head = model.get_base_model().get_output_embeddings()
+    batch = _padded_batch(session)
+    with torch.no_grad():
+        reference = model(**batch).loss
+    # the output layer sees no [B, T, H] hidden states (another hook, registered first, reshapes them): the
+    # selection is not applied and the model's own full logits give the loss
+    with _hooked(head, pre=lambda m, args: (args[0].unsqueeze(2),), post=lambda m, args, out: out.squeeze(2)):
+        with torch.no_grad():
+            total, count = supervised_lm_loss(model, batch)
+    assert (total / count).item() == pytest.approx(reference.item(), rel=1e-5)
+    # logits that do not line up with the targets
+    with _hooked(head, pre=lambda m, args: (args[0].flatten(0, 1),)):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="logits of shape"):
+            supervised_lm_loss(model, batch)
+    # the output layer run twice in one forward
+    again = []
+
+    def run_again(module, args, output):
+        if not again:
+            again.append(True)
+            module(args[0])
+        return output
+
+    with _hooked(head, post=run_again), torch.no_grad(), pytest.raises(RuntimeError, match="ran 2 times"):
+        supervised_lm_loss(model, batch)
+
+
+def test_bias_all_bf16_run_trains_with_finite_loss(tiny_qwen2_dir, speed_data, tmp_path):
+    import math
+
+    config = build_config(overrides=tiny_overrides(tiny_qwen2_dir, speed_data, tmp_path, name="bias",
+                                                   **{"lora.bias": "all", "train.precision": "bf16",
+                                                      "train.max_steps": 2, "train.logging_steps": 1,
+                                                      "data.eval_split": 0.0}))
+    assert config.train.supervised_logits_only
+    train(config, progress=False)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "bias" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses)

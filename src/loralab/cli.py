@@ -87,9 +87,23 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from its repository "
+                        "(model.trust_remote_code in a config file alone is refused).")
+
+
+def require_trust(config: RunConfig, trust_remote_code: bool, where: str) -> RunConfig:
+    """Remote model code runs only when the command line says so, whatever a config file asks."""
+    if config.model.trust_remote_code and not trust_remote_code:
+        raise LoralabError(f"{where} sets model.trust_remote_code: true, which runs Python code shipped with the model "
+                           f"{config.model.name_or_path!r}; pass --trust-remote-code on the command line to allow it")
+    if trust_remote_code and not config.model.trust_remote_code:
+        config = config.model_copy(update={"model": config.model.model_copy(update={"trust_remote_code": True})})
+    return config
+
+
 def resolve_config(config: Optional[Path], data: Optional[str], model: Optional[str], sets: Optional[list[str]],
-                   extra: Optional[list[str]] = None) -> RunConfig:
-    """A config file plus the shortcut options and --set overrides (later wins)."""
+                   extra: Optional[list[str]] = None, trust_remote_code: bool = False) -> RunConfig:
+    """A config file plus the shortcut options and --set overrides (later wins); remote code needs the flag."""
     overrides = []
     if model:
         overrides.append(f"model.name_or_path={model}")
@@ -99,7 +113,8 @@ def resolve_config(config: Optional[Path], data: Optional[str], model: Optional[
     overrides.extend(sets or [])
     raw = read_yaml(config) if config else {}
     # Quote string shortcuts so YAML never reinterprets paths such as "yes" or "1.0".
-    return build_config(raw, [_quote_path(o) for o in overrides], source=str(config) if config else "defaults")
+    resolved = build_config(raw, [_quote_path(o) for o in overrides], source=str(config) if config else "defaults")
+    return require_trust(resolved, trust_remote_code, "the config" if config is None else f"config file {config}")
 
 
 def _quote_path(override: str) -> str:
@@ -125,18 +140,43 @@ def config_show(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOp
 
 @app.command()
 @handle_errors
-def train(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, model: Optional[str] = ModelOpt,
+def train(config: Optional[Path] = typer.Argument(None, help="YAML config file (optional: every key has a default), "
+                                                   "or with --resume a run folder."),
+          data: Optional[str] = DataOpt, model: Optional[str] = ModelOpt,
           output: Optional[Path] = OutputOpt, sets: Optional[list[str]] = SetOpt,
-          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
-          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
-          skip_checks: bool = typer.Option(False, "--skip-checks", help="Do not run the preflight checks.")) -> None:
+          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last complete "
+                                      "checkpoint: loralab train --resume RUN_DIR (its own config.yaml)."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing loralab run folder (kept "
+                                         "until the new run has loaded and passed its checks)."),
+          skip_checks: bool = typer.Option(False, "--skip-checks", help="Do not run the preflight checks."),
+          trust_remote_code: bool = TrustOpt) -> None:
     """Fine-tune a LoRA adapter (no arguments: the built-in model on the bundled demo data)."""
     from loralab.training import train as run_training
 
-    resolved = resolve_config(config, data, model, sets)
+    if resume and config is not None and not config.exists():
+        raise LoralabError(f"nothing to resume: {config} does not exist (give a run folder: loralab train --resume RUN_DIR)")
+    if resume and config is not None and config.is_dir():  # loralab train --resume RUN_DIR
+        if output is not None and output.resolve() != config.resolve():
+            raise LoralabError(f"--resume {config} and --output {output} name two different run folders; give one")
+        config, output = None, config
+    resolved = resolve_run_config(config, data, model, sets, output, resume, trust_remote_code)
     preflight = None if skip_checks else _preflight()
     summary = run_training(resolved, run_dir=output, overwrite=overwrite, resume=resume or None, preflight=preflight)
     print_summary(summary)
+
+
+def resolve_run_config(config: Optional[Path], data: Optional[str], model: Optional[str], sets: Optional[list[str]],
+                       output: Optional[Path], resume: bool, trust_remote_code: bool) -> RunConfig:
+    """The config to train: resuming a run with nothing else given reloads the run's own config.yaml; otherwise the
+    given config (which must match the run's when resuming; the run folder checks that)."""
+    from loralab.runs import RunPaths, load_run_config
+
+    saved = RunPaths(output).config if output is not None else None
+    if resume and saved is not None and saved.is_file() and config is None and not (data or model or sets):
+        return require_trust(load_run_config(output), trust_remote_code, f"the run's {saved}")
+    if resume and output is not None and not output.exists():
+        raise LoralabError(f"nothing to resume: {output} does not exist")
+    return resolve_config(config, data, model, sets, trust_remote_code=trust_remote_code)
 
 
 def _preflight() -> Any:
@@ -213,8 +253,36 @@ def _need_prompts(prompt: Optional[list[str]], prompts_file: Optional[Path]) -> 
         raise LoralabError("no prompts given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
 
 
+CLASSIFIER_METRIC_LABELS = {"accuracy": "accuracy (0-1)", "macro_f1": "macro-F1 (0-1)"}
+
+
+def print_classifier_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
+    """A SEQ_CLS run: accuracy and macro-F1 of the base head vs the trained head, then a few predicted labels."""
+    title = f"{run_dir}: {report['n']} examples ({report['data']}), checkpoint {report['checkpoint']}"
+    if report["references"]:
+        table = Table("metric", "base head", "trained head", "change", title=title)
+        for name, label in CLASSIFIER_METRIC_LABELS.items():
+            base, adapter = report["base"][name], report["adapter"][name]
+            table.add_row(label, f"{base:.3f}", f"{adapter:.3f}", f"{adapter - base:+.3f}")
+        console.print(table)
+    else:
+        console.print(f"{title}\n[yellow]no labels in {report['data']}: predictions only, no scores[/]")
+    console.print(f"labels: {', '.join(report['labels'])}", markup=False, highlight=False)
+    if show:
+        examples = Table("text", *(["reference"] if report["references"] else []), "base head", "trained head",
+                         title=f"first {min(show, report['n'])} predictions", show_lines=True)
+        for row in report["predictions"][:show]:
+            examples.add_row(row["text"], *([row["reference"]] if report["references"] else []),
+                             f"{row['base']} ({row['base_probability']:.2f})", f"{row['adapter']} ({row['adapter_probability']:.2f})")
+        console.print(examples, markup=False)
+    written = "eval.json and predictions.jsonl" if report["references"] else "predictions.jsonl"
+    console.print(f"wrote {written} in {run_dir}", highlight=False)
+
+
 def print_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
     """The base vs adapter scores side by side, then a few example answers."""
+    if report.get("task_type") == "SEQ_CLS":
+        return print_classifier_eval(report, run_dir, show)
     title = f"{run_dir}: {report['n']} examples ({report['data']}), checkpoint {report['checkpoint']}"
     if report["references"]:
         table = Table("metric", "base", "adapter", "change", title=title)
@@ -263,13 +331,21 @@ def compare(run_dir: Path = RunArg, prompt: Optional[list[str]] = PromptOpt, pro
     import json
 
     from loralab.evaluation import compare_prompts
+    from loralab.generation import load_run_model
 
     _need_prompts(prompt, prompts_file)
     settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
-    run = _load_run(run_dir, checkpoint)
+    run = load_run_model(run_dir, checkpoint, allow_classifier=True)  # a classifier compares predicted labels
     rows = compare_prompts(run_dir, _prompts(run, prompt, prompts_file), settings, loaded=run)
     if as_json:
         typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    if run.task_type == "SEQ_CLS":  # label (probability) from the base head and the trained head
+        table = Table("text", "base head", "trained head", title=f"{run_dir} (adapter {checkpoint})", show_lines=True)
+        for row in rows:
+            table.add_row(row["prompt"], f"{row['base']} ({row['base_probability']:.2f})",
+                          f"{row['adapter']} ({row['adapter_probability']:.2f})")
+        console.print(table, markup=False)
         return
     table = Table("prompt", "base", "adapter", title=f"{run_dir} (adapter {checkpoint})", show_lines=True)
     for row in rows:
@@ -408,7 +484,8 @@ def check(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, mod
           sets: Optional[list[str]] = SetOpt,
           show: int = typer.Option(0, "--show", min=0, help="Render N tokenized train examples, supervised tokens marked."),
           as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON on stdout (and nothing else)."),
-          fast: bool = typer.Option(False, "--fast", help="Only the quick checks `train` runs first (no cost estimate).")) -> None:
+          fast: bool = typer.Option(False, "--fast", help="Only the quick checks `train` runs first (no cost estimate)."),
+          trust_remote_code: bool = TrustOpt) -> None:
     """Preflight checks on the same config as `train`: pass / warn / fail with a reason each; exit 1 when one fails."""
     import transformers
 
@@ -416,7 +493,7 @@ def check(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, mod
     from loralab.checks.show import COLOR_LEGEND, LEGEND
 
     transformers.utils.logging.disable_progress_bar()
-    resolved = resolve_config(config, data, model, sets)
+    resolved = resolve_config(config, data, model, sets, trust_remote_code=trust_remote_code)
     report = run_checks(resolved, show=show, include_cost=not fast, debug=STATE["debug"])
     if as_json:
         typer.echo(report.to_json())

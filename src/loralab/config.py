@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loralab.errors import ConfigError
 
@@ -101,6 +101,9 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     save_total_limit: int = Field(2, gt=0)
+    save_steps: int | None = Field(None, gt=0)  # a checkpoint every N optimizer steps (default: each epoch); bounds
+    # what an interruption can lose. Evaluation follows (a checkpoint is ranked by its eval loss).
+    eval_steps: int | None = Field(None, gt=0)  # evaluate every N steps (default: with each checkpoint)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     resume: bool = False
@@ -118,12 +121,29 @@ class TrainConfig(_Section):
 class RunConfig(_Section):
     """A whole run: what to train, on what, how, and where its folder goes."""
 
-    name: str | None = None  # default: derived from model and data
+    name: str | None = None  # default: derived from model and data; a folder name inside output_dir
     output_dir: str = "runs"
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0")
+                                  or value.startswith("~")):
+            raise ValueError("must be a plain folder name inside output_dir (no '/', '\\', '..' or '~'); "
+                             "use output_dir (or --output) to put the run elsewhere")
+        return value
+
+    @model_validator(mode="after")
+    def _checkpoints_can_be_ranked(self) -> "RunConfig":
+        save, every = self.train.save_steps, self.train.eval_steps
+        if save and every and save % every:
+            raise ValueError(f"train.save_steps ({save}) must be a multiple of train.eval_steps ({every}): "
+                             "the best checkpoint is chosen by the eval loss measured when it is saved")
+        return self
 
     def run_name(self) -> str:
         """The run's folder name: ``name`` or ``<model>-<data>``."""
@@ -198,8 +218,10 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             allowed = sorted({a.split(".")[0] for a in allowed})
             where = f"in section '{section}'" if section else "at the top level"
             lines.append(f"unknown config key {key!r} {where}; allowed: {', '.join(allowed)}")
+        elif not key:  # a rule across keys: the message names them
+            lines.append(item["msg"].removeprefix("Value error, "))
         else:
-            lines.append(f"config key {key!r}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"config key {key!r}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
     return f"invalid config ({source}):\n  " + "\n  ".join(lines)
 
 

@@ -5,8 +5,6 @@ Every error names the file and the row (1-based; a line number for JSONL and CSV
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +15,7 @@ import torch
 
 from loralab.config import DataConfig
 from loralab.errors import DataError
+from loralab.readers import read_rows
 
 IGNORE_INDEX = -100
 PLAIN_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -37,64 +36,6 @@ class Example:
     messages: list[dict[str, str]] = field(default_factory=list)  # chat context before the answer
 
 
-# ---------------------------------------------------------------- reading files
-
-
-def read_rows(path: str | Path) -> list[tuple[int, Any]]:
-    """Rows of a JSON array, JSONL, CSV file or saved HF dataset folder, each with its row/line number."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        return _read_hf_folder(path)
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if suffix == ".jsonl":
-        return _read_jsonl(path, text)
-    if suffix == ".csv":
-        return [(i + 2, row) for i, row in enumerate(csv.DictReader(text.splitlines()))]  # line 1 is the header
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"data file {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))  # {"data": [...]}
-        if not isinstance(data, list):
-            raise DataError(f"data file {path}: expected a JSON array of objects, got a {type(data).__name__}")
-        return [(i + 1, row) for i, row in enumerate(data)]
-    raise DataError(f"data file {path}: unsupported extension {suffix!r}; expected .json, .jsonl, .csv or a saved dataset folder")
-
-
-def _read_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((line_number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"data file {path}: invalid JSON at line {line_number}, column {exc.colno}: {exc.msg}") from None
-    return rows
-
-
-def _read_hf_folder(path: Path) -> list[tuple[int, Any]]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"data folder {path}: not a dataset saved with save_to_disk ({exc})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise DataError(f"data folder {path}: dataset dict has splits {list(loaded)}, expected a 'train' split")
-        loaded = loaded["train"]
-    return [(i + 1, row) for i, row in enumerate(loaded)]
-
-
 # ---------------------------------------------------------------- validating rows
 
 
@@ -113,12 +54,19 @@ def _row_error(path: str, row: int, message: str) -> DataError:
     return DataError(f"data file {path}, row {row}: {message}")
 
 
+def _is_missing(value: Any) -> bool:
+    """None (JSON null, Parquet null, a missing CSV cell) or NaN (pandas' empty cell)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _text_field(record: dict, name: str, path: str, row: int, expected: list[str]) -> str:
     if name not in record:
         found = ", ".join(repr(k) for k in record) or "none"
         raise _row_error(path, row, f"missing field {name!r}; expected fields {expected}, found {found} "
                          "(set data.prompt_field / data.response_field to use other names)")
     value = record[name]
+    if _is_missing(value):
+        raise _row_error(path, row, f"field {name!r} is empty (null, NaN or a missing CSV cell)")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
@@ -137,6 +85,8 @@ def parse_rows(rows: list[tuple[int, Any]], cfg: DataConfig, path: str, task_typ
             text = _text_field(record, cfg.prompt_field, path, row, [cfg.prompt_field, cfg.label_field])
             if cfg.label_field not in record:
                 raise _row_error(path, row, f"missing label field {cfg.label_field!r}; found {list(record)} (set data.label_field)")
+            if _is_missing(record[cfg.label_field]):
+                raise _row_error(path, row, f"label field {cfg.label_field!r} is empty (null, NaN or a missing CSV cell)")
             examples.append(Example(prompt=text, response=str(record[cfg.label_field]), row=row))
         elif fmt == "messages":
             examples.append(_parse_messages(record, cfg, path, row))
@@ -144,6 +94,7 @@ def parse_rows(rows: list[tuple[int, Any]], cfg: DataConfig, path: str, task_typ
             fields = [cfg.prompt_field, cfg.input_field, "output"]
             instruction = _text_field(record, cfg.prompt_field, path, row, fields)
             context = record.get(cfg.input_field) or ""
+            context = "" if _is_missing(context) else context  # NaN: pandas' empty cell
             prompt = f"{instruction}\n\n{context}" if str(context).strip() else instruction
             examples.append(Example(prompt=prompt, response=_text_field(record, "output", path, row, fields), row=row))
         else:
@@ -158,7 +109,7 @@ def _parse_messages(record: dict, cfg: DataConfig, path: str, row: int) -> Examp
     if not isinstance(messages, list) or not messages:
         raise _row_error(path, row, f"field {cfg.messages_field!r} should be a non-empty list of {{role, content}} messages")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if not isinstance(message, dict) or _is_missing(message.get("role")) or _is_missing(message.get("content")):
             raise _row_error(path, row, f"message {i + 1} should have 'role' and 'content', got {message!r}")
     if messages[-1]["role"] != "assistant":
         raise _row_error(path, row, f"the last message should be the assistant's answer, got role {messages[-1]['role']!r}")
@@ -293,11 +244,19 @@ def tokenize_classification(tokenizer: Any, example: Example, cfg: DataConfig, l
 
 
 def label_vocabulary(examples: list[Example]) -> dict[str, int]:
-    """Class names to ids: integer labels keep their value, text labels are numbered in sorted order."""
-    names = sorted({e.response for e in examples})
-    if all(n.lstrip("-").isdigit() for n in names):
-        return {n: int(n) for n in names}
-    return {n: i for i, n in enumerate(names)}
+    """Class names to ids 0..n-1 (what a classifier head needs): integer-looking labels such as -1 / 1 or 3 / 7 in
+    numeric order, any other labels in sorted text order. The names stay the user's own (``"-1"``, ``"positive"``)."""
+    def integer_like(name: str) -> bool:
+        text = name.strip()
+        digits = text[1:] if text[:1] in ("+", "-") else text
+        return digits.isascii() and digits.isdigit()
+
+    names = {e.response for e in examples}
+    if names and all(integer_like(n) for n in names):
+        ordered = sorted(names, key=lambda n: (int(n), n))
+    else:
+        ordered = sorted(names)
+    return {name: i for i, name in enumerate(ordered)}
 
 
 def tokenize(tokenizer: Any, example: Example, cfg: DataConfig, task_type: str, label_ids: dict[str, int] | None = None) -> TokenizedExample:

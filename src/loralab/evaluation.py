@@ -25,6 +25,7 @@ from loralab.generation import (
 )
 from loralab.metrics import METRIC_NAMES, score_corpus, score_pair
 from loralab.models import resolve_task_type
+from loralab.fingerprints import verify_data, verify_split
 from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
 
 
@@ -94,11 +95,15 @@ def eval_examples(config: RunConfig, task_type: str, run_dir: str | Path) -> lis
     source = cfg.eval_path or cfg.path
     if source and not Path(source).exists():
         raise LoralabError(f"run {run_dir}: its data file {source} is not found from here; pass --data FILE")
+    if not cfg.eval_path and cfg.eval_split == 0:
+        raise LoralabError(f"run {run_dir} has no eval split (data.eval_split=0 and no data.eval_path); pass --data FILE")
+    record = RunPaths(Path(run_dir)).data_fingerprint
+    verify_data(record, cfg, f"rebuild the eval split of run {run_dir}")
     if cfg.eval_path:
         return load_examples(cfg, task_type, cfg.eval_path)
-    if cfg.eval_split == 0:
-        raise LoralabError(f"run {run_dir} has no eval split (data.eval_split=0 and no data.eval_path); pass --data FILE")
-    return load_splits(cfg, task_type)[1]
+    held_out = load_splits(cfg, task_type)[1]
+    verify_split(record, held_out)
+    return held_out
 
 
 # ---------------------------------------------------------------- scoring
@@ -137,7 +142,13 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit
     ``predictions.jsonl``; a data file without reference answers gives answers only (no scores, no eval.json).
     Returns eval.json's content with ``references`` (bool) and ``predictions`` (the rows of predictions.jsonl).
     ``loaded``: a run already in memory (then ``checkpoint`` is not used).
+    A SEQ_CLS run is scored by its predicted labels instead (``loralab.classification.evaluate_classifier``).
     """
+    from loralab.classification import evaluate_classifier, run_task_type
+
+    if run_task_type(run_dir, loaded) == "SEQ_CLS":
+        return evaluate_classifier(run_dir, data_path, limit, checkpoint, (settings or GenerationSettings()).batch_size,
+                                   progress, loaded)
     if limit is not None and limit < 1:
         raise LoralabError(f"--limit must be at least 1, got {limit}")
     settings = settings or GenerationSettings()
@@ -184,7 +195,14 @@ def _relative(path: Path | None, root: Path) -> str | None:
 
 def compare_prompts(run_dir: str | Path, prompts: Sequence[str | Example], settings: GenerationSettings | None = None,
                     checkpoint: str | int = "best", loaded: LoadedRun | None = None) -> list[dict[str, str]]:
-    """Base and adapter answers for each prompt: ``[{"prompt", "base", "adapter"}, ...]`` (``loaded``: a run in memory)."""
+    """Base and adapter answers for each prompt: ``[{"prompt", "base", "adapter"}, ...]`` (``loaded``: a run in memory).
+
+    A SEQ_CLS run gives predicted labels (and their probabilities) instead of answers.
+    """
+    from loralab.classification import compare_classifier, run_task_type
+
+    if prompts and run_task_type(run_dir, loaded) == "SEQ_CLS":
+        return compare_classifier(run_dir, prompts, checkpoint, loaded, (settings or GenerationSettings()).batch_size)
     if not prompts:
         raise LoralabError("no prompts given; pass --prompt TEXT or --prompts-file FILE")
     run = loaded or load_run_model(run_dir, checkpoint)

@@ -21,8 +21,11 @@ def export_merged(run_dir: str | Path, output: str | Path, checkpoint: str = "be
     A QLoRA run is merged into a base loaded without 4-bit quantization, so the merged weights are exact.
     The folder loads with plain ``AutoModelFor...from_pretrained`` and needs neither peft nor loralab.
     """
+    from loralab.classification import export_classifier, run_task_type
     from loralab.generation import load_run_model
 
+    if run_task_type(run_dir) == "SEQ_CLS":  # the trained head and the run's label names go with it
+        return export_classifier(run_dir, output, checkpoint, dtype, overwrite)
     if dtype not in DTYPES:
         raise LoralabError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     output = Path(output)

@@ -103,8 +103,10 @@ class LoadedRun:
 def check_generative(task_type: str, run_dir: str | Path) -> str:
     """The task type, if it generates text; else a clear error."""
     if task_type not in GENERATIVE_TASKS:
+        hint = ("; a classifier predicts labels: `loralab eval` and `loralab compare` show them (base head vs trained head)"
+                if task_type == "SEQ_CLS" else "")
         raise LoralabError(f"run {run_dir} is a {task_type} run; eval, compare and generate need a text-generation run "
-                           f"({' or '.join(GENERATIVE_TASKS)})")
+                           f"({' or '.join(GENERATIVE_TASKS)}) to generate text{hint}")
     return task_type
 
 
@@ -112,10 +114,12 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_precision: bool = False) -> LoadedRun:
+def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_precision: bool = False,
+                   allow_classifier: bool = False) -> LoadedRun:
     """Load a run's base model once and attach its adapter (``best``, ``latest`` or a checkpoint step).
 
-    ``full_precision`` loads a QLoRA run's base without 4-bit quantization (for merging).
+    ``full_precision`` loads a QLoRA run's base without 4-bit quantization (for merging). ``allow_classifier``
+    also loads SEQ_CLS runs (their head sized and named by the run's labels); otherwise they are an error.
     """
     from peft import PeftModel
 
@@ -123,10 +127,17 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
     if not (adapter_path / "adapter_config.json").is_file():
         raise LoralabError(f"{adapter_path} holds no adapter (no adapter_config.json)")
     config = load_run_config(run_dir)
-    task_type = check_generative(resolve_task_type(config), run_dir)
+    task_type = resolve_task_type(config)
+    if not (allow_classifier and task_type == "SEQ_CLS"):
+        check_generative(task_type, run_dir)
     tokenizer = load_tokenizer(config.model, task_type)
     model_cfg = config.model.model_copy(update={"load_in_4bit": False}) if full_precision else config.model
-    base = load_model(model_cfg, task_type)
+    if task_type == "SEQ_CLS":
+        from loralab.classification import load_classifier_base
+
+        base = load_classifier_base(run_dir, adapter_path, config, model_cfg, tokenizer)
+    else:
+        base = load_model(model_cfg, task_type)
     if task_type == "CAUSAL_LM" and base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     try:

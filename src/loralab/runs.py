@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loralab.checkpoints import complete_checkpoints, list_checkpoints
 from loralab.config import RunConfig, build_config, read_yaml
 from loralab.errors import LoralabError
 
@@ -49,9 +49,32 @@ class RunPaths:
     def predictions(self) -> Path:
         return self.root / "predictions.jsonl"
 
+    @property
+    def data_fingerprint(self) -> Path:
+        return self.root / "data.json"
+
+
+# Everything loralab writes in a run folder (plus dot-files: its own atomic-write temporaries).
+RUN_ENTRIES = {"config.yaml", "adapter", "checkpoints", "metrics.jsonl", "summary.json", "eval.json", "predictions.jsonl",
+               "data.json", "answers.json"}  # answers.json: a sweep's side-by-side answers
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def make_shareable(folder: Path) -> None:
+    """Give a folder loralab wrote, and all inside it, the permissions the umask gives (``mkdtemp``/``mkstemp``
+    create 0700/0600, which a serving process running as another user cannot read)."""
+    os.chmod(folder, DIR_MODE)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), DIR_MODE)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, FILE_MODE)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -61,7 +84,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -76,8 +101,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def staging_dir(target: Path) -> Path:
+    """A fresh hidden folder next to ``target`` to write into before ``replace_dir_atomic``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+
+
 def replace_dir_atomic(staging: Path, target: Path) -> None:
-    """Move a fully written folder into place, replacing an older one."""
+    """Move a fully written folder into place, replacing an older one (kept until the new one is there)."""
+    make_shareable(staging)
     backup = target.with_name(f".{target.name}.old")
     if backup.exists():
         shutil.rmtree(backup)
@@ -96,33 +128,120 @@ def comparable_config(config: RunConfig) -> dict[str, Any]:
     return data
 
 
+def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """The dotted keys whose values differ between two runs' configs (resume-neutral keys left out)."""
+    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    left, right = flat(comparable_config(a)), flat(comparable_config(b))
+    return sorted(k for k in left.keys() | right.keys() if left.get(k) != right.get(k))
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in a folder that loralab does not write into a run folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder holding a loralab run: a config.yaml that reads as a mapping and nothing loralab did not write."""
+    config = RunPaths(folder).config
+    if not config.is_file() or foreign_entries(folder):
+        return False
+    try:
+        read_yaml(config)
+    except LoralabError:
+        return False
+    return True
+
+
 def _never_started(paths: RunPaths) -> bool:
-    return paths.config.is_file() and {p.name for p in paths.root.iterdir()} <= {"config.yaml", "checkpoints"} \
-        and not list_checkpoints(paths.root)
+    return paths.config.is_file() and {p.name for p in paths.root.iterdir() if not p.name.startswith(".")} \
+        <= {"config.yaml", "checkpoints", "data.json", "metrics.jsonl"} and not list_checkpoints(paths.root)
+
+
+class RunFolder:
+    """The life of one run folder: checked first, changed only once the new run is ready, restored on failure.
+
+    ``plan`` checks everything and changes nothing. ``open`` (called after data, model and preflight checks) sets
+    an overwritten run aside as ``.<name>.replaced``, creates the folder and writes config.yaml. ``finished``
+    deletes what was set aside; ``failed`` restores it when the new run left nothing to resume from.
+    """
+
+    def __init__(self, config: RunConfig, root: Path, *, overwrite: bool, resume: bool):
+        self.config, self.paths = config, RunPaths(root)
+        self.overwrite, self.resume = overwrite, resume
+        self.backup = root.with_name(f".{root.name}.replaced")
+        self.mode = "new"
+
+    @classmethod
+    def plan(cls, config: RunConfig, root: Path, *, overwrite: bool, resume: bool) -> "RunFolder":
+        folder = cls(config, root, overwrite=overwrite, resume=resume)
+        folder._check()
+        return folder
+
+    def _check(self) -> None:
+        root = self.paths.root
+        if root.exists() and not root.is_dir():
+            raise LoralabError(f"output {root} is a file, not a folder; choose another --output")
+        if not root.exists() or not any(p for p in root.iterdir() if not p.name.startswith(".")):
+            return
+        foreign = foreign_entries(root)
+        if not self.paths.config.is_file() or foreign:
+            what = f"files loralab did not write ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})" \
+                if self.paths.config.is_file() else "no loralab run (no config.yaml)"
+            raise LoralabError(f"output folder {root} holds {what}; nothing was changed. Choose another --output "
+                               "(or --set name=...), or move those files away: --overwrite only replaces a loralab run")
+        if _never_started(self.paths):
+            self.mode = "replace"  # only a config.yaml from a run that failed before its first checkpoint
+            return
+        if self.overwrite:
+            self.mode = "replace"
+            return
+        if not self.resume:
+            raise LoralabError(f"output folder {root} already holds a run; pass --resume to continue it, "
+                               "--overwrite to replace it, or choose another --output / --set name=...")
+        saved = load_run_config(root)
+        differing = config_differences(saved, self.config)
+        if differing:
+            raise LoralabError(f"output folder {root} holds a different run (its config.yaml differs in "
+                               f"{', '.join(differing[:8])}); resume with `loralab train --resume {root}` "
+                               "(its own config), use another --output, or pass --overwrite")
+        self.mode = "resume"
+
+    def open(self) -> RunPaths:
+        """Make the folder ready for training; the only step that changes anything."""
+        root = self.paths.root
+        if self.mode == "replace":
+            if self.backup.exists():
+                shutil.rmtree(root)  # a replacement that never finished; the run it replaced stays set aside
+            else:
+                root.rename(self.backup)
+        if self.mode != "resume":
+            root.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.paths.config, self.config.to_yaml())
+        return self.paths
+
+    def finished(self) -> None:
+        if self.backup.exists():
+            shutil.rmtree(self.backup)
+
+    def failed(self) -> str | None:
+        """After a failed attempt: restore the replaced run when the new one has nothing to resume from."""
+        if not self.backup.exists() or self.mode != "replace":
+            return None
+        if complete_checkpoints(self.paths.root):
+            return f"the run it replaces is kept in {self.backup} until this one finishes"
+        shutil.rmtree(self.paths.root, ignore_errors=True)
+        self.backup.rename(self.paths.root)
+        return f"the previous run in {self.paths.root} was restored"
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, *, overwrite: bool, resume: bool) -> RunPaths:
-    """Create (or reopen for resume) a run folder; refuse to clobber a different run or foreign files."""
-    paths = RunPaths(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if _never_started(paths):
-            shutil.rmtree(run_dir)  # only a config.yaml from a run that failed before its first step
-        elif overwrite:
-            shutil.rmtree(run_dir)
-        elif not paths.config.is_file():
-            raise LoralabError(f"output folder {run_dir} is not empty and holds no loralab run; choose another --output or pass --overwrite")
-        elif resume:
-            saved = load_run_config(run_dir)
-            if comparable_config(saved) != comparable_config(config):
-                raise LoralabError(f"output folder {run_dir} holds a different run (its config.yaml differs); "
-                                   "resume with the same config, use another --output, or pass --overwrite")
-            return paths
-        else:
-            raise LoralabError(f"output folder {run_dir} already holds a run; pass --resume to continue it, "
-                               "--overwrite to replace it, or choose another --output / --set name=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(paths.config, config.to_yaml())
-    return paths
+    """Check and open a run folder at once (for callers that have nothing to load in between)."""
+    return RunFolder.plan(config, run_dir, overwrite=overwrite, resume=resume).open()
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -131,13 +250,6 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not paths.config.is_file():
         raise LoralabError(f"{run_dir} is not a loralab run folder (no config.yaml)")
     return build_config(read_yaml(paths.config), source=str(paths.config))
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint folders ordered by step."""
-    folder = RunPaths(Path(run_dir)).checkpoints
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def resolve_adapter(run_dir: str | Path, checkpoint: str = "best") -> Path:
@@ -150,7 +262,7 @@ def resolve_adapter(run_dir: str | Path, checkpoint: str = "best") -> Path:
             raise LoralabError(f"run {run_dir} has no trained adapter yet (no adapter/adapter_config.json); "
                                "finish it with `loralab train --resume`")
         return paths.adapter
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints = complete_checkpoints(run_dir)
     if checkpoint == "latest":
         if not checkpoints:
             raise LoralabError(f"run {run_dir} has no checkpoints")
@@ -158,7 +270,9 @@ def resolve_adapter(run_dir: str | Path, checkpoint: str = "best") -> Path:
     if not checkpoint.isdigit():
         raise LoralabError(f"--checkpoint must be best, latest or a step number, got {checkpoint!r}")
     wanted = paths.checkpoints / f"checkpoint-{int(checkpoint)}"
-    if not wanted.is_dir():
+    if wanted not in checkpoints:
+        if wanted.is_dir():
+            raise LoralabError(f"checkpoint {wanted} is incomplete (cut off while it was saved); pick another step")
         steps = [p.name.split("-")[1] for p in checkpoints] or ["none"]
         raise LoralabError(f"run {run_dir} has no checkpoint at step {checkpoint}; available steps: {', '.join(steps)}")
     return wanted
@@ -180,3 +294,22 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def trim_metrics(run_dir: str | Path, last_step: int) -> int:
+    """Drop metrics.jsonl lines logged after ``last_step`` (the checkpoint a resume starts from), so that a resumed
+    run logs each step once; returns how many lines were dropped."""
+    path = RunPaths(Path(run_dir)).metrics
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the interruption
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)

@@ -2,7 +2,8 @@
 
 - ``cast_frozen_weights``: frozen base weights stored in bf16 (no per-step autocast copies), LoRA weights stay fp32.
 - ``supervised_lm_loss``: the vocabulary projection and loss only at supervised positions (causal LMs, on CPU;
-  on accelerators every position is projected, which avoids a host-device sync per step).
+  on accelerators every position is projected, which avoids a host-device sync per step), through the model's own
+  forward, so autocast, DDP/FSDP wrappers and the model's own logit processing (soft-capping) all apply.
 - ``FastDropout``: LoRA dropout masks drawn as 16-bit random integers, ~2.5x cheaper than ``bernoulli_`` on CPU.
 - ``PackingCollator``: several short causal-LM examples in one row, ``position_ids`` restarting per example so
   attention stays inside each example (transformers builds the block-diagonal mask from them, but only when the
@@ -19,8 +20,9 @@ from torch import nn
 
 from loralab.data import IGNORE_INDEX
 
-# Causal LMs whose logits are exactly ``lm_head(final hidden state)``: no soft-capping or logit scaling.
-PLAIN_HEAD_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "smollm3", "olmo2", "phi3", "gemma"}
+# Causal LMs known to honour the restarting position ids of packed rows (``PackingCollator``); packing is used only
+# for these. The supervised-logits loss does not need this list (``supervised_logits_exact``).
+PACKING_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "smollm3", "olmo2", "phi3", "gemma"}
 
 
 def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -77,33 +79,107 @@ def use_fast_dropout(model: nn.Module) -> int:
     return replaced
 
 
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model`` and what it wraps through ``.module`` (DataParallel, DDP, FSDP, DeepSpeed's engine), outermost first."""
+    chain = [model]
+    while isinstance(getattr(chain[-1], "module", None), nn.Module) and len(chain) < 16:
+        chain.append(chain[-1].module)
+    return chain
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside the training wrappers and peft."""
+    inner = wrapper_chain(model)[-1]
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """True for decoder-only architectures known to keep packed examples apart (``PACKING_MODEL_TYPES``)."""
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    return (getattr(config, "model_type", "") in PACKING_MODEL_TYPES and not getattr(config, "is_encoder_decoder", False)
+            and hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None)
+
+
 def supports_supervised_logits(model: nn.Module) -> bool:
-    """True for decoder-only models whose logits are a plain projection of the decoder's last hidden state."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (getattr(base.config, "model_type", "") in PLAIN_HEAD_MODEL_TYPES and hasattr(base, "get_decoder")
-            and base.get_output_embeddings() is not None)
+    """Former gate of both levers, still what ``build_collator`` asks before packing: same as ``supports_packing``.
+
+    Whether the supervised-logits loss is exact is ``supervised_logits_exact``, which holds for more models.
+    """
+    return supports_packing(model)
+
+
+def supervised_logits_exact(model: nn.Module) -> bool:
+    """Whether ``supervised_lm_loss`` gives the model's own loss for ``model`` as it is wrapped.
+
+    Any decoder-only model with an output-embedding module (``lm_head``) qualifies: the loss runs the model's own
+    forward and only narrows the rows its output layer sees (checked again at run time). Not taken for a
+    ``DataParallel`` over several devices (its replicas would run the selection on scattered rows) nor for a
+    ``torch.compile``-d model (the per-step hook would force recompilation).
+    """
+    chain = wrapper_chain(model)
+    for wrapper in chain:
+        if isinstance(wrapper, nn.DataParallel) and len(wrapper.device_ids) > 1:
+            return False
+        if hasattr(wrapper, "_orig_mod"):  # torch.compile's OptimizedModule
+            return False
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    return (config is not None and not getattr(config, "is_encoder_decoder", False)
+            and hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None)
 
 
 def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over supervised positions and their count.
+    """Summed next-token cross-entropy over supervised positions and their count, as the model's own loss.
 
-    Runs the decoder once, then the vocabulary projection only on hidden states whose next label is supervised,
-    so padding and masked prompt positions never reach the (large) output layer.
+    ``model`` (wrapped or not) runs its own forward without labels, exactly as the Trainer calls it, so accelerate's
+    autocast, DDP/FSDP and the model's own logit processing all apply. A temporary forward pre-hook on the
+    output-embedding module replaces its input, the final hidden states ``[B, T, H]``, by the rows whose next label
+    is supervised (``[1, N, H]``, on CPU) or by every row but the last (``[B, T-1, H]``, on accelerators, where a
+    data-dependent selection would cost a host-device sync; ignore_index then skips masked positions). The logits
+    the model returns are those rows' logits, after whatever the model applies to them (e.g. Gemma 2 soft-capping).
+    If the output layer does not see full hidden states (the hook leaves it alone) the model's full logits are used;
+    anything else unexpected raises rather than giving a different loss.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body, head = base.get_decoder(), base.get_output_embeddings()
+    if not supervised_logits_exact(model):
+        raise ValueError("supervised_lm_loss is not exact for this model or wrapper (see supervised_logits_exact)")
+    head = unwrap_model(model).get_output_embeddings()
     labels = inputs["labels"]
-    hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                  position_ids=inputs.get("position_ids"), use_cache=False).last_hidden_state
+    batch, length = labels.shape
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    if hidden.device.type != "cpu":
-        # Selecting positions has a data-dependent size, i.e. a host-device sync per step on accelerators:
-        # there, project every position and let ignore_index skip the masked ones (same loss, no sync).
-        logits = head(hidden[:, :-1]).float()
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"), keep.sum()
-    logits = head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+    state: dict[str, Any] = {"calls": 0, "targets": None}
+
+    def select(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        state["calls"] += 1
+        hidden = args[0] if args else None
+        if (state["calls"] > 1 or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3
+                or tuple(hidden.shape[:2]) != (batch, length)):
+            return None  # left as it is; checked below
+        if hidden.device.type == "cpu":
+            state["targets"] = targets[keep].unsqueeze(0)
+            return (hidden[:, :-1][keep.to(hidden.device)].unsqueeze(0), *args[1:]), kwargs
+        state["targets"] = targets
+        return (hidden[:, :-1], *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+    finally:
+        handle.remove()
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    if state["calls"] > 1:
+        raise RuntimeError(f"the output layer ran {state['calls']} times in one forward: the supervised-logits loss "
+                           "cannot tell which logits are the model's; set train.supervised_logits_only=false")
+    wanted = state["targets"]
+    if wanted is None:  # the output layer did not see the full hidden states: the model's logits, every position
+        logits, wanted = logits[:, :-1], targets
+    if tuple(logits.shape[:-1]) != tuple(wanted.shape):
+        raise RuntimeError(f"the model returned logits of shape {tuple(logits.shape)} for targets of shape "
+                           f"{tuple(wanted.shape)}; set train.supervised_logits_only=false")
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), wanted.flatten().to(logits.device),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, keep.sum()
 
 
 class PackingCollator:

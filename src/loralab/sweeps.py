@@ -25,6 +25,7 @@ import yaml
 
 from loralab.config import RunConfig, build_config, config_keys, parse_override, read_yaml, set_dotted
 from loralab.errors import ConfigError, LoralabError
+from loralab.guards import TrainingInterrupted
 from loralab.runs import (RunPaths, comparable_config, list_checkpoints, load_run_config, read_summary, write_json_atomic,
                           write_text_atomic)
 
@@ -483,7 +484,7 @@ def execute_run(run: PlannedRun, spec: SweepSpec, *, prompts: list[str] | None =
         evaluate_run(run.run_dir, limit=spec.eval_limit, settings=_generation_settings(spec), progress=progress,
                      loaded=loaded)
     except RUN_FAILURES as exc:
-        if isinstance(exc.__context__, KeyboardInterrupt):  # training turns Ctrl-C into a LoralabError
+        if isinstance(exc, TrainingInterrupted) or isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C
             raise LoralabError(f"sweep interrupted during run {run.name}; run the same command again to resume "
                                "(finished runs are skipped, this one continues from its last checkpoint)") from None
         reason = str(exc) if isinstance(exc, LoralabError) else f"{type(exc).__name__}: {exc}"

@@ -28,7 +28,11 @@ from loralab.models import (
 )
 from loralab.speed import (PackingCollator, cast_frozen_weights, supervised_lm_loss, supports_supervised_logits,
                            use_fast_dropout)
-from loralab.runs import RunPaths, list_checkpoints, prepare_run_dir, replace_dir_atomic, write_json_atomic
+from loralab.checkpoints import checkpoint_step, resume_point
+from loralab.fingerprints import data_record, verify_data
+from loralab.guards import (DivergenceGuard, GracefulInterrupt, GuardedTraining, ShareableCheckpoints, TrainingDiverged,
+                            TrainingInterrupted, non_finite_parameter)
+from loralab.runs import RunFolder, RunPaths, replace_dir_atomic, staging_dir, trim_metrics, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +93,13 @@ def load_tokenizer_and_data(config: RunConfig) -> tuple[str, Any, PreparedData]:
 def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = None) -> Session:
     """Load tokenizer and data first (fast failures), then the model, then apply LoRA."""
     task_type, tokenizer, data = prepared or load_tokenizer_and_data(config)
-    num_labels = max(data.label_ids.values()) + 1 if data.label_ids else None
+    num_labels = len(data.label_ids) if data.label_ids else None  # ids are 0..n-1 (data.label_vocabulary)
     model = load_model(config.model, task_type, num_labels=num_labels)
     if data.label_ids:
         model.config.id2label = {i: name for name, i in data.label_ids.items()}
         model.config.label2id = dict(data.label_ids)
+    if task_type == "SEQ_CLS" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder-only classifiers find the last token by it
     if task_type == "CAUSAL_LM":
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -134,18 +140,28 @@ class MetricsFileCallback(TrainerCallback):
             handle.write(json.dumps(record, default=float) + "\n")
 
 
-def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eval: bool, task_type: str, progress: bool) -> Any:
+def checkpoint_interval(train: Any, n_train: int, has_eval: bool) -> dict[str, Any]:
+    """When to evaluate and save: ``train.save_steps`` / ``train.eval_steps`` (each following the other when only one
+    is set, so every checkpoint has an eval loss to rank it by), else once per epoch (or per ``max_steps``)."""
+    save, every = train.save_steps or train.eval_steps, train.eval_steps or train.save_steps
+    if not save and train.max_steps:
+        steps_per_epoch = max(1, math.ceil(n_train / (train.batch_size * train.gradient_accumulation)))
+        save = every = min(steps_per_epoch, train.max_steps)
+    if not save:
+        return {"eval_strategy": "epoch" if has_eval else "no", "save_strategy": "epoch"}
+    interval: dict[str, Any] = {"eval_strategy": "steps" if has_eval else "no", "save_strategy": "steps", "save_steps": save}
+    if has_eval:
+        interval["eval_steps"] = every
+    return interval
+
+
+def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eval: bool, task_type: str, progress: bool,
+                       resuming: bool = False) -> Any:
     from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
     train = config.train
     precision = resolve_precision(train.precision)
-    steps_per_epoch = max(1, math.ceil(n_train / (train.batch_size * train.gradient_accumulation)))
-    interval: dict[str, Any] = {"eval_strategy": "epoch" if has_eval else "no", "save_strategy": "epoch"}
-    if train.max_steps:
-        every = min(steps_per_epoch, train.max_steps)
-        interval = {"eval_strategy": "steps" if has_eval else "no", "save_strategy": "steps", "save_steps": every}
-        if has_eval:
-            interval["eval_steps"] = every
+    interval = checkpoint_interval(train, n_train, has_eval)
     cls = Seq2SeqTrainingArguments if task_type == "SEQ_2_SEQ_LM" else TrainingArguments
     return cls(
         output_dir=str(paths.checkpoints),
@@ -161,7 +177,8 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
         max_grad_norm=train.max_grad_norm,
         logging_steps=train.logging_steps,
         logging_first_step=True,
-        eval_on_start=has_eval,  # the base model's eval loss, for comparison
+        eval_on_start=has_eval and not resuming,  # the base model's eval loss, for comparison (logged once)
+        logging_nan_inf_filter=False,  # a NaN loss must be seen (the guards stop the run on it), not averaged away
         load_best_model_at_end=has_eval,
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
@@ -183,47 +200,64 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
 
 def uses_supervised_logits(session: Session) -> bool:
     """Whether training computes the causal-LM loss only at supervised positions (``supervised_lm_loss``)."""
+    from loralab.speed import supervised_logits_exact
+
     return (session.task_type == "CAUSAL_LM" and session.config.train.supervised_logits_only
-            and supports_supervised_logits(session.model))
+            and supervised_logits_exact(session.model))
 
 
 class SupervisedLogitsTrainer(Trainer):
     """A Trainer whose causal-LM loss projects to the vocabulary only at supervised positions.
 
-    Same loss as the model's own (token-averaged cross-entropy, gradient-accumulation aware); used in a single
-    process, where calling the decoder directly is safe (a DDP-wrapped model keeps the model's own forward).
+    Same loss as the Trainer's own (token-averaged cross-entropy, gradient-accumulation and multi-process aware):
+    ``supervised_lm_loss`` calls the model as given (DDP/FSDP wrappers, accelerate's autocast and the model's own
+    logit processing all run). Where that is not exact (label smoothing, a custom loss, tensor/context/sequence
+    parallelism, ``DataParallel`` over several GPUs) the Trainer's own loss is used.
     """
+
+    def _supervised_logits_apply(self, model: Any, inputs: dict[str, Any]) -> bool:
+        from loralab.speed import supervised_logits_exact
+
+        return ("labels" in inputs and self.label_smoother is None and self.compute_loss_func is None
+                and self.get_tp_size() * self.get_cp_size() * self.get_sp_size() == 1
+                and supervised_logits_exact(model))
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if "labels" not in inputs or self.accelerator.num_processes > 1:
+        if not self._supervised_logits_apply(model, inputs):
             self.loss_is_scaled_for_ga = None  # the Trainer's own rule
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss_sum, count = supervised_lm_loss(model, inputs)
         self.loss_is_scaled_for_ga = num_items_in_batch is not None  # normalised over the accumulated batch
         loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # as the Trainer's own loss: num_items_in_batch counts every process's tokens, DDP averages gradients
+            loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
-def build_trainer(session: Session, paths: RunPaths, progress: bool = True, callbacks: list | None = None) -> Any:
-    """A Trainer (Seq2SeqTrainer for seq2seq) wired with loralab's data, collator and metrics log."""
+def build_trainer(session: Session, paths: RunPaths, progress: bool = True, callbacks: list | None = None,
+                  resuming: bool = False) -> Any:
+    """A Trainer (Seq2SeqTrainer for seq2seq) wired with loralab's data, collator, metrics log and guards."""
     from transformers import Seq2SeqTrainer
 
     has_eval = session.data.eval is not None and len(session.data.eval) > 0
-    args = training_arguments(session.config, paths, len(session.data.train), has_eval, session.task_type, progress)
+    args = training_arguments(session.config, paths, len(session.data.train), has_eval, session.task_type, progress,
+                              resuming)
     cls: type = Trainer
     if session.task_type == "SEQ_2_SEQ_LM":
         cls = Seq2SeqTrainer
     elif uses_supervised_logits(session):
         cls = SupervisedLogitsTrainer
-    return cls(
+    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, cls), {})
+    return guarded(
         model=session.model,
         args=args,
         train_dataset=session.data.train,
         eval_dataset=session.data.eval if has_eval else None,
         data_collator=session.collator,
         processing_class=session.tokenizer,
-        callbacks=[MetricsFileCallback(paths.metrics), *(callbacks or [])],
+        callbacks=[MetricsFileCallback(paths.metrics), DivergenceGuard(), ShareableCheckpoints(), *(callbacks or [])],
     )
 
 
@@ -248,17 +282,26 @@ def _last(history: list[dict], key: str) -> float | None:
 
 
 def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bool = False, resume: bool | None = None,
-          progress: bool = True, preflight: Callable[[Session], None] | None = None) -> dict[str, Any]:
+          progress: bool = True, preflight: Callable[[Session], None] | None = None,
+          callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train a LoRA adapter and write the run folder; returns the run summary.
 
-    ``preflight`` (e.g. loralab's fast checks) runs on the loaded session before any training step.
+    ``preflight`` (e.g. loralab's fast checks) runs on the loaded session before any training step; ``callbacks``
+    (``transformers.TrainerCallback``) are added to the Trainer's.
+    A non-finite loss or weight stops the run (``TrainingDiverged``, summary.json ``status: diverged``, no adapter);
+    Ctrl-C saves a checkpoint and stops (``TrainingInterrupted``); ``resume`` continues from the newest complete
+    checkpoint. With ``overwrite`` the old run is kept until the new one has loaded and passed ``preflight``, and is
+    restored when the new one fails before its first checkpoint.
     """
     resume = config.train.resume if resume is None else resume
     run_path = Path(run_dir) if run_dir else config.run_dir()
     from transformers import set_seed
 
     prepared = load_tokenizer_and_data(config)  # bad data fails before any folder is touched
-    paths = prepare_run_dir(config, run_path, overwrite=overwrite, resume=resume)
+    folder = RunFolder.plan(config, run_path, overwrite=overwrite, resume=resume)  # checks only, changes nothing
+    paths = folder.paths
+    if folder.mode == "resume":
+        verify_data(paths.data_fingerprint, config.data, f"resume {paths.root}")
     set_seed(config.train.seed)
     session = setup(config, prepared)
     counts = parameter_counts(session.model)
@@ -268,30 +311,72 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bo
     if preflight is not None:
         preflight(session)
 
-    callbacks = []
+    folder.open()  # only now is an overwritten run set aside
+    try:
+        summary = _train_session(session, folder, counts, progress, callbacks or [])
+    except BaseException as exc:
+        note = folder.failed()
+        if note and isinstance(exc, LoralabError):
+            exc.args = (f"{exc} ({note})",)
+        raise
+    folder.finished()
+    return summary
+
+
+def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], progress: bool,
+                   extra_callbacks: list[Any]) -> dict[str, Any]:
+    """Train an opened run folder's session to the end: checkpoints, guards, the best adapter, summary.json."""
+    config, paths = session.config, folder.paths
+    start = resume_point(paths.root) if folder.mode == "resume" else None  # torn checkpoints are set aside
+    resume_from = str(start) if start else None
+    if start is not None:
+        trim_metrics(paths.root, checkpoint_step(start))  # lines logged after the checkpoint are logged again
+    else:
+        paths.metrics.unlink(missing_ok=True)
+        write_json_atomic(paths.data_fingerprint, data_record(config.data, session.data.train_examples,
+                                                              session.data.eval_examples))
+    callbacks: list[Any] = list(extra_callbacks)
     if config.train.eval_generate:  # generation metrics (exact match, ROUGE-L, chrF, BLEU) at each evaluation
         from loralab.evaluation import generation_callback
 
         callbacks.append(generation_callback(session, paths.metrics))
-    trainer = build_trainer(session, paths, progress=progress, callbacks=callbacks)
-    checkpoints = list_checkpoints(paths.root)
-    resume_from = str(checkpoints[-1]) if resume and checkpoints else None
+    interrupt = GracefulInterrupt()
+    trainer = build_trainer(session, paths, progress=progress, callbacks=[interrupt, *callbacks],
+                            resuming=resume_from is not None)
     started = time.perf_counter()
+    resume_hint = f"continue with: loralab train --resume {paths.root}"
     try:
         output = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
-        raise LoralabError(f"training interrupted; continue with: loralab train --output {paths.root} --resume") from None
+        raise TrainingInterrupted(f"training interrupted before its next checkpoint; {resume_hint}") from None
+    except TrainingDiverged as exc:
+        write_json_atomic(paths.summary, {"run": str(paths.root), "status": "diverged", "reason": str(exc),
+                                          "step": exc.step, "model": config.model.name_or_path})
+        raise
+    finally:
+        interrupt.restore()
     elapsed = time.perf_counter() - started
     session.model.eval()  # Trainer leaves the model in train mode (dropout on)
-
-    if not math.isfinite(output.training_loss):
-        raise LoralabError(f"training diverged: the training loss is {output.training_loss}; lower train.learning_rate")
+    if interrupt.requested:
+        raise TrainingInterrupted(f"training stopped at step {trainer.state.global_step} after saving a checkpoint; "
+                                  f"{resume_hint}")
+    bad = non_finite_parameter(session.model)
+    if bad or not math.isfinite(output.training_loss):
+        what = f"the weight {bad} is non-finite" if bad else f"the training loss is {output.training_loss}"
+        raise TrainingDiverged(f"training diverged: {what}; lower train.learning_rate. No adapter was written",
+                               trainer.state.global_step)
     save_adapter(session.model, session.tokenizer, paths.adapter)
     history = trainer.state.log_history
     best = trainer.state.best_model_checkpoint
     epochs_done = trainer.state.epoch or 0.0
+    labels = None
+    if session.data.label_ids:  # SEQ_CLS: the class names (id order) saved with the adapter as adapter/labels.json
+        from loralab.classification import save_labels
+
+        labels = save_labels(paths.adapter, session.data.label_ids)
     summary = {
         "run": str(paths.root),
+        "status": "finished",
         "task_type": session.task_type,
         "model": config.model.name_or_path,
         **counts,
@@ -312,7 +397,8 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bo
         "best_eval_loss": trainer.state.best_metric,
         "best_checkpoint": str(Path(best).relative_to(paths.root)) if best else None,
         "supervised_tokens_per_epoch": session.data.supervised_tokens(),
-        "resumed_from": resume_from,
+        "resumed_from": str(Path(resume_from).relative_to(paths.root)) if resume_from else None,
+        **({"labels": labels} if labels else {}),
     }
     write_json_atomic(paths.summary, summary)
     return summary

@@ -1,0 +1,132 @@
+"""Guards around a training run: stop on divergence, stop cleanly on Ctrl-C, keep checkpoints shareable.
+
+- ``GuardedTraining`` (a Trainer mixin) checks every step's loss; ``DivergenceGuard`` checks the LoRA weights after
+  every optimizer step and the eval loss after every evaluation. A non-finite value stops the run before a
+  checkpoint with it is written (the Trainer saves after these hooks), with a message naming the step.
+- ``GracefulInterrupt``: the first Ctrl-C finishes the current step, saves a checkpoint and stops; a second one
+  stops at once. Either way the run resumes with ``loralab train --resume RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from loralab.errors import LoralabError
+from loralab.runs import make_shareable
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(LoralabError):
+    """A non-finite loss or weight: the run stopped and its adapter was not written."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class TrainingInterrupted(LoralabError):
+    """Ctrl-C: the run stopped after saving a checkpoint (or at once, on a second Ctrl-C)."""
+
+
+def likely_causes(args: Any) -> str:
+    causes = [f"train.learning_rate={args.learning_rate:g} is too high (LoRA usually trains at 1e-5 .. 1e-3)"]
+    if args.fp16:
+        causes.append("fp16 overflows for this model (T5-family models in particular): use train.precision=bf16 or fp32")
+    if args.max_grad_norm and args.max_grad_norm > 10:
+        causes.append(f"train.max_grad_norm={args.max_grad_norm:g} does not limit the updates (1.0 is usual)")
+    return "; ".join(causes)
+
+
+def diverged(what: str, step: int, args: Any) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged at step {step}: {what}. Likely causes: {likely_causes(args)}. "
+                            "No adapter was written for this run; checkpoints saved before this step are kept. "
+                            "Fix the config and start again with --overwrite", step)
+
+
+def non_finite_parameter(model: Any) -> str | None:
+    """The name of a trainable parameter holding NaN or inf, or None (one host sync for all of them)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
+
+
+class GuardedTraining:
+    """Trainer mixin: a non-finite training loss stops the run at the step it appears.
+
+    The Trainer's own ``logging_nan_inf_filter`` would replace it by the running average and go on.
+    """
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        if not bool(torch.isfinite(loss).all()):
+            step = self.state.global_step + 1  # type: ignore[attr-defined]
+            raise diverged(f"the training loss is {loss.item()}", step, self.args)  # type: ignore[attr-defined]
+        return loss
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops when an optimizer step leaves a LoRA weight non-finite, or an evaluation's loss is non-finite."""
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        name = non_finite_parameter(model) if model is not None else None
+        if name:
+            raise diverged(f"the weight {name} became non-finite", state.global_step + 1, args)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and not math.isfinite(loss):
+            what = "the base model's eval loss is already " if state.global_step == 0 else "the eval loss is "
+            raise diverged(f"{what}{loss}", state.global_step, args)
+
+
+class GracefulInterrupt(TrainerCallback):
+    """First Ctrl-C: save a checkpoint after the current step and stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class ShareableCheckpoints(TrainerCallback):
+    """Checkpoints get the permissions the umask gives, like every other file of the run."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            make_shareable(folder)

@@ -1,0 +1,172 @@
+"""Reading rows from data files: JSON, JSONL, CSV, TSV, Parquet and datasets saved with ``save_to_disk``.
+
+``read_rows`` gives (number, record) pairs: the line where the record starts for JSONL, CSV and TSV, the 1-based row
+for the others. Text files are UTF-8 (a BOM is dropped; UTF-16 with a BOM is accepted too). Anything that cannot be
+read is a one-line ``DataError`` naming the file and, where one is at fault, the line or row.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import DataError
+
+Rows = list[tuple[int, Any]]
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+_CSV_FIELD_LIMIT = 2**31 - 1  # long documents in one cell are data, not an attack
+
+
+def read_rows(path: str | Path) -> Rows:
+    """Rows of a JSON array, JSONL, CSV/TSV, Parquet file or saved HF dataset folder, each with its line/row number."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        return _read_hf_folder(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix not in SUFFIXES:
+        raise DataError(f"data file {path}: unsupported extension {suffix!r}; "
+                        "expected .json, .jsonl, .csv, .tsv, .parquet or a saved dataset folder")
+    text = _read_text(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text)
+    if suffix == ".json":
+        return _read_json(path, text)
+    return _read_csv(path, text, delimiter="\t" if suffix == ".tsv" else ",")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a leading BOM dropped), or UTF-16 when it starts with a UTF-16 BOM."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"data file {path}: not UTF-16 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"data file {path}, line {line}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "save the file as UTF-8") from None
+
+
+def _json_error(path: Path, exc: Exception, line: int | None = None) -> DataError:
+    """A JSON parse error naming the line (``line`` for one JSONL line, else the line inside the parsed text)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return DataError(f"data file {path}: invalid JSON at line {line or exc.lineno}, column {exc.colno}: {exc.msg}")
+    place = f" at line {line}" if line else ""  # e.g. integers over Python's digit limit, absurd nesting
+    return DataError(f"data file {path}: invalid JSON{place}: {_one_line(exc) or type(exc).__name__}")
+
+
+def _read_json(path: Path, text: str) -> Rows:
+    if not text.strip():
+        raise DataError(f"data file {path}: the file is empty; expected a JSON array of objects")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _read_jsonl(path, text)  # JSON Lines saved as .json (pandas, HF exports)
+        raise _json_error(path, exc) from None
+    except (ValueError, RecursionError) as exc:
+        raise _json_error(path, exc) from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]}
+    if not isinstance(data, list):
+        raise DataError(f"data file {path}: expected a JSON array of objects, got a {type(data).__name__}")
+    return [(i + 1, row) for i, row in enumerate(data)]
+
+
+def _read_jsonl(path: Path, text: str) -> Rows:
+    """One JSON value per line; lines end at "\\n" only (U+2028, U+0085 ... are text inside strings)."""
+    rows = []
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        try:
+            rows.append((line_number, json.loads(line)))
+        except (ValueError, RecursionError) as exc:
+            raise _json_error(path, exc, line_number) from None
+    return rows
+
+
+def _read_csv(path: Path, text: str, delimiter: str) -> Rows:
+    """Rows as {header: cell}; quoted cells keep their commas, quotes and line breaks; short rows get None cells."""
+    records = _csv_records(path, text, delimiter)
+    if not records:
+        raise DataError(f"data file {path}: the file is empty; expected a header line with the field names")
+    header = _csv_header(path, *records[0])
+    rows = []
+    for line, cells in records[1:]:
+        if len(cells) > len(header):
+            raise DataError(f"data file {path}, line {line}: {len(cells)} fields but the header has {len(header)} "
+                            "(quote cells that contain the delimiter)")
+        rows.append((line, dict(zip(header, cells + [None] * (len(header) - len(cells))))))
+    return rows
+
+
+def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[int, list[str]]]:
+    """Non-blank records, each with the line where it starts."""
+    old_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    records, start = [], 1
+    try:
+        for cells in reader:
+            if cells:
+                records.append((start, cells))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise DataError(f"data file {path}, line {start}: malformed {kind} ({_one_line(exc)})") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    return records
+
+
+def _csv_header(path: Path, line: int, names: list[str]) -> list[str]:
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise DataError(f"data file {path}, line {line}: column {i + 1} has no name in the header")
+        if name in names[:i]:
+            raise DataError(f"data file {path}, line {line}: the header names field {name!r} twice")
+    return names
+
+
+def _read_parquet(path: Path) -> Rows:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"data file {path}: not a readable Parquet file ({_one_line(exc)})") from None
+    return [(i + 1, row) for i, row in enumerate(table.to_pylist())]
+
+
+def _read_hf_folder(path: Path) -> Rows:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as exc:  # missing or broken files (Arrow errors derive from these)
+        raise DataError(f"data folder {path}: not a dataset saved with save_to_disk ({_one_line(exc)})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"data folder {path}: dataset dict has splits {list(loaded)}, expected a 'train' split")
+        loaded = loaded["train"]
+    return [(i + 1, row) for i, row in enumerate(loaded)]
