@@ -152,6 +152,10 @@ def test_eval_on_a_file_with_limit_and_without_labels(signed_run, tmp_path):
     assert [r["reference"] for r in rows] == [None, None] and {r["adapter"] for r in rows} <= {"-1", "1"}
     with pytest.raises(LoralabError, match="--limit must be at least 1"):
         evaluate_run(signed_run, limit=0, progress=False)
+    # a Trainer checkpoint holds no labels.json: the run's label names still apply
+    latest = evaluate_run(signed_run, data_path=labelled, checkpoint="latest", progress=False)
+    assert latest["checkpoint"].startswith("checkpoints/checkpoint-") and latest["labels"] == ["-1", "1"]
+    assert {r["adapter"] for r in latest["predictions"]} <= {"-1", "1"}
 
 
 def test_eval_and_compare_cli(signed_run, signed):

@@ -317,3 +317,42 @@ def test_trust_remote_code_in_a_config_file_needs_the_flag(tiny_llama_dir, data_
         result = runner.invoke(app, command)
         assert result.exit_code == 1 and "pass --trust-remote-code" in result.output, command
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_collapse_without_nan_is_divergence_too():
+    """lr=1e6 on the built-in model in fp32 saturates it to a uniform output: eval loss ln(49152) = 10.8, zero
+    gradients, no NaN. The rule: a loss above twice the starting loss plus one nat."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from loralab.guards import DivergenceGuard
+
+    args = TrainingArguments(output_dir="unused", learning_rate=1e6, use_cpu=True, report_to="none")
+    guard, control = DivergenceGuard(), TrainerControl()
+    state = TrainerState(global_step=4, log_history=[{"step": 0, "eval_loss": 3.875}, {"step": 1, "loss": 3.58},
+                                                      {"step": 4, "eval_loss": 7.0}])
+    guard.on_evaluate(args, state, control, metrics={"eval_loss": 7.0})  # worse, not exploded: goes on
+    state.log_history.append({"step": 4, "eval_loss": 10.80})
+    with pytest.raises(TrainingDiverged, match=r"at step 4: the eval loss rose from 3.875 \(the model before "
+                                               r"training\) to 10.8\. Likely causes: train.learning_rate=1e\+06"):
+        guard.on_evaluate(args, state, control, metrics={"eval_loss": 10.80})
+    state = TrainerState(global_step=10, log_history=[{"loss": 3.58}, {"loss": 8.96}])
+    guard.on_log(args, state, control, logs={"loss": 8.96})  # one spike: goes on
+    state.log_history.append({"loss": 10.80})
+    with pytest.raises(TrainingDiverged, match="the training loss rose from 3.58 to 10.8"):
+        guard.on_log(args, state, control, logs={"loss": 10.80})
+
+
+def test_a_run_folder_cannot_switch_remote_code_on(tiny_llama_dir, data_file, tmp_path):
+    train(build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, name="run",
+                                                **{"train.max_steps": 1})), progress=False)
+    run_dir = tmp_path / "run"
+    config = run_dir / "config.yaml"  # someone hands you a run whose config asks for remote code
+    config.write_text(config.read_text().replace("trust_remote_code: false", "trust_remote_code: true"))
+    for command in (["eval", str(run_dir), "--limit", "1", "--max-new-tokens", "2"],
+                    ["generate", str(run_dir), "--prompt", "hi", "--max-new-tokens", "2"],
+                    ["export", str(run_dir), "--output", str(tmp_path / "merged")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and "pass --trust-remote-code" in result.output, command
+    assert not (tmp_path / "merged").exists()
+    result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code"])
+    assert result.exit_code == 0, result.output

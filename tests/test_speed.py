@@ -10,7 +10,7 @@ import torch
 from loralab.config import build_config
 from loralab.data import IGNORE_INDEX, make_collator
 from loralab.speed import (PackingCollator, cast_frozen_weights, supervised_lm_loss, supervised_logits_exact,
-                           supports_packing, supports_supervised_logits)
+                           supports_packing)
 from loralab.training import setup, train
 from conftest import tiny_overrides
 
@@ -44,7 +44,7 @@ def test_supervised_logits_loss_equals_model_loss(session):
         loss_sum, count = supervised_lm_loss(model, batch)
     assert count.item() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
     assert torch.allclose(loss_sum / count, reference, atol=1e-5)
-    assert supervised_logits_exact(model) and supports_packing(model) and supports_supervised_logits(model)
+    assert supervised_logits_exact(model) and supports_packing(model)
 
 
 def test_packing_keeps_each_example_separate(session):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 from loralab.config import DataConfig, ModelConfig, RunConfig
 from loralab.data import Example, label_vocabulary, load_splits, parse_rows, read_rows, tokenize_classification
 from loralab.errors import DataError, LoralabError
-from loralab.runs import RunPaths, load_run_config, read_summary, replace_dir_atomic, resolve_adapter, write_json_atomic, \
+from loralab.runs import RunPaths, load_run_config, read_summary, resolve_adapter, write_json_atomic, \
     write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -296,13 +294,12 @@ def export_classifier(run_dir: str | Path, output: str | Path, checkpoint: str =
 
     Before saving, the merged model's logits on the run's first texts are checked against base + adapter.
     """
-    from loralab.export import DTYPES
+    from loralab.export import DTYPES, check_export_target, write_export
 
     if dtype not in DTYPES:
         raise LoralabError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise LoralabError(f"export folder {output} is not empty; choose another --output or pass --overwrite")
+    check_export_target(output, overwrite)
     run = load_classifier(run_dir, checkpoint, full_precision=True)
     probe = ["loralab export check", "a second, longer text to check the merged classifier with padding"]
     expected = classifier_logits(run, probe)
@@ -314,13 +311,4 @@ def export_classifier(run_dir: str | Path, output: str | Path, checkpoint: str =
     if difference > 1e-3 * max(1.0, float(expected.abs().max())):
         raise LoralabError(f"merging the adapter of {run_dir} changed the logits by up to {difference:.3g}; not exported")
     merged.to(DTYPES[dtype])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
-        merged.save_pretrained(staging, safe_serialization=True)
-        run.tokenizer.save_pretrained(staging)
-        replace_dir_atomic(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return output
+    return write_export(merged, run.tokenizer, output, run_dir=run_dir, checkpoint=checkpoint, dtype=dtype)

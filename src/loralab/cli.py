@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loralab.config import RunConfig, build_config, read_yaml
+from loralab.config import RunConfig, build_config, check_remote_code, read_yaml, remote_code_allowed
 from loralab.errors import LoralabError
 
 app = typer.Typer(help="LoRA / QLoRA fine-tuning workbench: config, check, train, eval, compare, sweep, export.",
@@ -66,7 +66,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_libraries()
         try:
-            return fn(*args, **kwargs)
+            with remote_code_allowed(bool(kwargs.get("trust_remote_code"))):  # the command line's word only
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except LoralabError as exc:
@@ -93,9 +94,8 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow the model's ow
 
 def require_trust(config: RunConfig, trust_remote_code: bool, where: str) -> RunConfig:
     """Remote model code runs only when the command line says so, whatever a config file asks."""
-    if config.model.trust_remote_code and not trust_remote_code:
-        raise LoralabError(f"{where} sets model.trust_remote_code: true, which runs Python code shipped with the model "
-                           f"{config.model.name_or_path!r}; pass --trust-remote-code on the command line to allow it")
+    with remote_code_allowed(trust_remote_code):
+        check_remote_code(config, where)
     if trust_remote_code and not config.model.trust_remote_code:
         config = config.model_copy(update={"model": config.model.model_copy(update={"trust_remote_code": True})})
     return config
@@ -311,7 +311,7 @@ def eval_command(run_dir: Path = RunArg,
                  checkpoint: str = CheckpointOpt, show: int = typer.Option(3, "--show", min=0, help="Example answers to print."),
                  max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
                  top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
-                 batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt) -> None:
+                 batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Score base vs adapter answers on the run's eval split; writes eval.json and predictions.jsonl."""
     from loralab.evaluation import evaluate_run
 
@@ -326,7 +326,7 @@ def compare(run_dir: Path = RunArg, prompt: Optional[list[str]] = PromptOpt, pro
             checkpoint: str = CheckpointOpt, as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
             max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
             top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
-            batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt) -> None:
+            batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Base and adapter answers side by side for the given prompts."""
     import json
 
@@ -359,7 +359,7 @@ def generate(run_dir: Path = RunArg, prompt: Optional[list[str]] = PromptOpt, pr
              checkpoint: str = CheckpointOpt, base: bool = typer.Option(False, "--base", help="Answer with the base model."),
              max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
              top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
-             batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt) -> None:
+             batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt) -> None:
     """Answer prompts with the adapter (one prompt: just the answer; several: each prompt, then its answer)."""
     from loralab.generation import generate_answers
 
@@ -381,7 +381,8 @@ def chat(run_dir: Path = RunArg, checkpoint: str = CheckpointOpt,
          base: bool = typer.Option(False, "--base", help="Chat with the base model."),
          max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens per answer."),
          do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt, top_k: Optional[int] = TopKOpt,
-         top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt, seed: Optional[int] = SeedOpt) -> None:
+         top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt, seed: Optional[int] = SeedOpt,
+         trust_remote_code: bool = TrustOpt) -> None:
     """Chat with the adapter: one message per line; '/reset' starts over, 'exit' or Ctrl-D quits."""
     from loralab.generation import chat_reply
 
@@ -427,7 +428,8 @@ def sweep(source: Optional[Path] = typer.Argument(None, help="A sweep file (top-
           storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage: a database URL or a journal file path "
                                                 "(default: <sweep folder>/optuna.journal)."),
           retry_failed: bool = typer.Option(False, "--retry-failed", help="Train runs recorded as failed again, from scratch."),
-          skip_checks: bool = typer.Option(False, "--skip-checks", help="Do not run the preflight checks.")) -> None:
+          skip_checks: bool = typer.Option(False, "--skip-checks", help="Do not run the preflight checks."),
+          trust_remote_code: bool = TrustOpt) -> None:
     """Train and evaluate every combination of a grid; compare them in sweeps/<name>/ (CSV, Markdown, PNG, HTML)."""
     from loralab.sweeps import load_saved_sweep, load_sweep, run_sweep
 
@@ -531,7 +533,9 @@ def export(run_dir: Path = typer.Argument(..., help="A run folder made by lorala
            output: Path = typer.Option(..., "--output", help="Folder for the merged model."),
            checkpoint: str = typer.Option("best", "--checkpoint", help="best, latest or a step number."),
            dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder.")) -> None:
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier loralab export in --output "
+                                          "(never a folder loralab did not export to)."),
+           trust_remote_code: bool = TrustOpt) -> None:
     """Merge the adapter into the base model and save a standalone safetensors model (+ tokenizer)."""
     from loralab.export import export_merged
 

@@ -6,12 +6,14 @@ Every error names the offending key and what was expected.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Iterator, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from loralab.errors import ConfigError
 
@@ -29,7 +31,11 @@ class ModelConfig(_Section):
 
     name_or_path: str = DEFAULT_MODEL
     task_type: TaskType | None = None  # auto-detected from the model's config when omitted
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "checkpoint"] = "auto"
+    # dtype of the base weights as loaded. "auto": bfloat16 when training runs in bf16 (train.precision bf16, or auto
+    # on a GPU with bf16 or a CPU with AVX512-BF16 / AMX), else float32; loading for eval / compare / export and QLoRA's
+    # non-quantized parts use float32. "checkpoint": the dtype the checkpoint was saved in (transformers' dtype="auto",
+    # what "auto" meant before). float32 / bfloat16 / float16: exactly that. LoRA weights are trained in float32.
     trust_remote_code: bool = False
     load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization (bitsandbytes)
 
@@ -39,25 +45,115 @@ class ModelConfig(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+LORA_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}  # PEFT's names, accepted as aliases
+KEY_ALIASES = {f"lora.{alias}": f"lora.{key}" for alias, key in LORA_ALIASES.items()}
+RETIRED_KEYS = {"lora.merge_weights": "an option of the original loralib that loralab does not use: training keeps "
+                                      "the adapter separate from the base model (runs/<name>/adapter); for one merged "
+                                      "model run `loralab export RUN_DIR --output DIR` after training; allowed: omit it"}
+INIT_SUPPORTED = "true, false, 'gaussian' or 'orthogonal'"
+_RESIDUAL = ("replaces the base weights by a residual (W minus the initial adapter) that PEFT recomputes whenever the "
+             "adapter is loaded, and loralab saves the adapter without PEFT's conversion to a plain LoRA delta: eval "
+             "and compare would show that residual as 'the base model', and the adapter is not the difference from "
+             "the original base")
+INIT_NOT_SUPPORTED = {  # PEFT initialisations loralab does not implement (yet), and why
+    "eva": "needs a data pass over the training data before training (peft's initialize_lora_eva_weights), which "
+           "loralab does not run: it would train plain LoRA",
+    "loftq": "needs a loftq_config and replaces the base weights by quantized ones; for QLoRA use model.load_in_4bit",
+    "pissa": _RESIDUAL + " (pissa_niter_N is also randomized: a reload does not even reproduce the trained model)",
+    "olora": _RESIDUAL,
+    "corda": "needs a preprocessing pass (peft's preprocess_corda) and " + _RESIDUAL,
+    "lora_ga": "needs a gradient pass (peft's preprocess_loraga) and " + _RESIDUAL,
+}
+
+
+def canonical_lora_keys(data: Any, where: str = "lora.") -> Any:
+    """A ``lora`` mapping with PEFT's key names (``lora_alpha``, ``lora_dropout``) renamed to loralab's."""
+    if not isinstance(data, dict):
+        return data
+    for key, hint in RETIRED_KEYS.items():
+        if key.removeprefix("lora.") in data:
+            raise ValueError(f"{where}{key.removeprefix('lora.')} ({data[key.removeprefix('lora.')]!r}) is {hint}")
+    if not any(alias in data for alias in LORA_ALIASES):
+        return data
+    data = dict(data)
+    for alias, key in LORA_ALIASES.items():
+        if alias not in data:
+            continue
+        value = data.pop(alias)
+        if key in data and data[key] != value:
+            raise ValueError(f"{where}{alias} ({value!r}) and {where}{key} ({data[key]!r}) disagree: {alias} is PEFT's "
+                             f"name for {where}{key}; give one of them")
+        data[key] = value
+    return data
+
+
 class LoraSettings(_Section):
-    """The fields of ``peft.LoraConfig`` that users set (``alpha`` is ``lora_alpha``)."""
+    """The fields of ``peft.LoraConfig`` that users set (``alpha`` is ``lora_alpha``, ``dropout`` ``lora_dropout``;
+    PEFT's names are accepted as aliases)."""
 
     task_type: TaskType | None = None  # follows model.task_type when omitted
     target_modules: list[str] | str | None = None  # None: the per-architecture preset
     r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    alpha: float = Field(32, gt=0)  # alias lora_alpha
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)  # alias lora_dropout
     bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
-    init_lora_weights: bool | Literal["gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal"] = True
-    inference_mode: bool = False
+    modules_to_save: list[str] | None = None  # whole modules trained and saved (lm_head, embed_tokens, ...); each
+    # entry must match a module of the model (PEFT matches a name by its end)
+    init_lora_weights: bool | Literal["gaussian", "orthogonal"] = True  # the ones exact with how loralab saves
+    # adapters (the base weights untouched); see INIT_NOT_SUPPORTED for the others. orthogonal needs an even r.
+    inference_mode: bool = False  # must stay false: loralab trains with these settings (and loads adapters frozen)
     use_rslora: bool = False
     use_dora: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _peft_key_names(cls, data: Any) -> Any:
+        return canonical_lora_keys(data)
 
     @field_validator("task_type", mode="before")
     @classmethod
     def _upper_task(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _supported_init(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        name = value.strip().lower()
+        if name in ("true", "false"):
+            return name == "true"
+        if name in ("gaussian", "orthogonal"):
+            return name
+        family = next((key for key in INIT_NOT_SUPPORTED if name.startswith(key)), None)
+        if family:
+            raise ValueError(f"{value!r} is not supported by loralab: {family} {INIT_NOT_SUPPORTED[family]}; "
+                             f"supported: {INIT_SUPPORTED}")
+        raise ValueError(f"must be {INIT_SUPPORTED}")
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _orthogonal_even_rank(cls, value: Any, info: ValidationInfo) -> Any:
+        r = info.data.get("r")
+        if value == "orthogonal" and isinstance(r, int) and r % 2:
+            raise ValueError(f"'orthogonal' needs an even lora.r (got r={r}); supported: {INIT_SUPPORTED}")
+        return value
+
+    @field_validator("inference_mode")
+    @classmethod
+    def _trains_something(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("true freezes the adapter, so training would train nothing; it is PEFT's switch for using "
+                             "a trained adapter, which loralab sets itself when it loads one (eval, compare, generate, "
+                             "export); allowed: false (or omit it)")
+        return value
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _named_modules(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(not str(v).strip() for v in value):
+            raise ValueError("every entry must name a module (an empty name would match every module)")
+        return value
 
     @field_validator("target_modules")
     @classmethod
@@ -137,6 +233,14 @@ class RunConfig(_Section):
                              "use output_dir (or --output) to put the run elsewhere")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_key_names(cls, data: Any) -> Any:
+        # here rather than only in LoraSettings, so that a refusal reads as one sentence naming the dotted keys
+        if isinstance(data, dict) and isinstance(data.get("lora"), dict):
+            data = {**data, "lora": canonical_lora_keys(data["lora"])}
+        return data
+
     @model_validator(mode="after")
     def _checkpoints_can_be_ranked(self) -> "RunConfig":
         save, every = self.train.save_steps, self.train.eval_steps
@@ -195,7 +299,16 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``data['a']['b'] = value`` for key ``a.b``, checking the key exists in the schema."""
+    """Set ``data['a']['b'] = value`` for key ``a.b``, checking the key exists in the schema.
+
+    PEFT's names (``lora.lora_alpha``) set loralab's key (``lora.alpha``), replacing the value under either name."""
+    if key in RETIRED_KEYS:
+        raise ConfigError(f"config key {key!r} ({value!r}) is {RETIRED_KEYS[key]}")
+    key = KEY_ALIASES.get(key, key)
+    for alias, canonical in KEY_ALIASES.items():
+        section = data.get(alias.split(".")[0])
+        if canonical == key and isinstance(section, dict):
+            section.pop(alias.split(".")[1], None)
     known = config_keys()
     if key not in known:
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(known)}")
@@ -230,8 +343,14 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     merged = copy.deepcopy(data or {})
     if not isinstance(merged, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (model, lora, data, train), got {type(merged).__name__}")
+    spelled: dict[str, tuple[str, Any]] = {}  # canonical key -> (as written, value), to catch alias conflicts
     for item in overrides or []:
         key, value = parse_override(item)
+        canonical = KEY_ALIASES.get(key, key)
+        first = spelled.setdefault(canonical, (key, value))
+        if first[0] != key and first[1] != value:
+            raise ConfigError(f"overrides {first[0]}={first[1]!r} and {key}={value!r} disagree: "
+                              f"{key if key != canonical else first[0]} is PEFT's name for {canonical}; give one of them")
         set_dotted(merged, key, value)
     try:
         return RunConfig.model_validate(merged)
@@ -259,3 +378,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
     data = read_yaml(path) if path else {}
     return build_config(data, overrides, source=str(path) if path else "defaults")
+
+
+# ---------------------------------------------------------------- remote code
+
+_REMOTE_CODE = contextvars.ContextVar("loralab_remote_code_allowed", default=False)
+
+
+@contextlib.contextmanager
+def remote_code_allowed(allowed: bool = True) -> Iterator[None]:
+    """Within this block, run folders whose config sets ``model.trust_remote_code`` may load (the CLI's
+    ``--trust-remote-code``); outside it a run folder's config.yaml alone never switches remote code on."""
+    token = _REMOTE_CODE.set(allowed)
+    try:
+        yield
+    finally:
+        _REMOTE_CODE.reset(token)
+
+
+def check_remote_code(config: RunConfig, where: str) -> None:
+    """Refuse a saved config that asks for the model's own Python code unless the caller allowed it."""
+    if config.model.trust_remote_code and not _REMOTE_CODE.get():
+        raise ConfigError(f"{where} sets model.trust_remote_code: true, which runs Python code shipped with the model "
+                          f"{config.model.name_or_path!r}; pass --trust-remote-code on the command line to allow it "
+                          "(from Python: with loralab.config.remote_code_allowed(): ...)")

@@ -6,6 +6,7 @@ Every error names the file and the row (1-based; a line number for JSONL and CSV
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -178,12 +179,173 @@ def encode_prompt(tokenizer: Any, prompt_text: str, cfg: DataConfig) -> list[int
     return ids
 
 
+# Marks the place of a message's content when a template is rendered to find where things are (private-use
+# characters: never in real text, untouched by the ``trim`` filters templates apply to contents).
+_MARK = "\ue000loralab{}\ue001"
+_chat_end_cache: "weakref.WeakKeyDictionary[Any, dict[Any, list[int]]]" = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: bos/eos/pad/... and every added token flagged special (``<|eot_id|>``)."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    for token_id, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(token, "special", False):
+            ids.add(token_id)
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+    return ids
+
+
+def _read_chat_end(tokenizer: Any) -> list[int]:
+    answer = _MARK.format("answer")
+    user = {"role": "user", "content": "Hi"}
+    for messages in ([user, {"role": "assistant", "content": answer}],
+                     [{"role": "system", "content": "Be brief."}, user, {"role": "assistant", "content": answer}]):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - templates raise anything (raise_exception, missing variables)
+            continue
+        if isinstance(text, str) and answer in text:
+            break
+    else:
+        return []
+    after = text[text.rindex(answer) + len(answer) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = _special_ids(tokenizer)
+    end = next((i for i, token_id in enumerate(ids) if token_id in special), None)
+    return [] if end is None else list(ids[: end + 1])
+
+
+def chat_end_ids(tokenizer: Any) -> list[int]:
+    """The tokens the tokenizer's chat template writes right after an assistant message, up to and including the first
+    special token: ChatML ``<|im_end|>``, Gemma ``<end_of_turn>``, Llama 3 ``<|eot_id|>`` (``[]`` when there is no
+    template or no special token ends the turn).
+
+    Read off by rendering a user message and an assistant message with a marker as its content. What the template
+    writes after that special token (the newline of ``<end_of_turn>\n`` / ``<|im_end|>\n``, or a closing EOS) is left
+    out: generation stops at the special token, so the model never has to produce what follows it.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return []
+    key = (repr(template), getattr(tokenizer, "eos_token_id", None))
+    try:
+        cache = _chat_end_cache.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable
+        cache = {}
+    if key not in cache:
+        cache[key] = _read_chat_end(tokenizer)
+    return list(cache[key])
+
+
+def target_end_ids(tokenizer: Any, cfg: DataConfig) -> list[int]:
+    """What every causal target ends with, supervised: the chat template's end of an assistant turn when the data is
+    formatted with the template (``<end_of_turn>`` for Gemma, ``<|im_end|>`` for Qwen2.5 whose EOS is ``<|endoftext|>``),
+    otherwise EOS."""
+    if uses_chat_template(tokenizer, cfg):
+        ids = chat_end_ids(tokenizer)
+        if ids:
+            return ids
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def target_end_id(tokenizer: Any, cfg: DataConfig) -> int | None:
+    """The token a complete causal target ends with (the last of ``target_end_ids``), or None."""
+    ids = target_end_ids(tokenizer, cfg)
+    return ids[-1] if ids else None
+
+
+def _marked(example: Example) -> tuple[Example, str, str]:
+    """The example with its user text replaced by markers: (example, first marker, last marker).
+
+    The user text runs from the content of the first user message to that of the last one (the same for one turn).
+    """
+    first, last = _MARK.format("first"), _MARK.format("last")
+    if not example.messages:
+        return Example(prompt=first, response="", row=example.row), first, first
+    users = [i for i, m in enumerate(example.messages) if m["role"] == "user"]
+    if not users:
+        return example, first, last
+    if users[-1] == users[0]:
+        last = first
+    messages = [dict(m) for m in example.messages]
+    messages[users[0]]["content"] = first
+    messages[users[-1]]["content"] = last
+    return Example(prompt=last, response="", row=example.row, messages=messages), first, last
+
+
+def _user_text_span(tokenizer: Any, example: Example, cfg: DataConfig, prompt_text: str,
+                    prompt_ids: list[int]) -> tuple[int, int] | None:
+    """Token span [start, end) of the user's text inside ``prompt_ids``: everything before it is the special prefix
+    (BOS, system turn, user-turn header), everything after it the prompt's end (the generation prompt).
+
+    Found by rendering the prompt with markers as the user text; the token span comes from the character offsets of a
+    fast tokenizer, or else from tokenizing prefix / user text / end separately, kept only when their concatenation is
+    exactly ``prompt_ids``. None when neither works.
+    """
+    marked, first, last = _marked(example)
+    try:
+        text = format_prompt(tokenizer, marked, cfg)
+    except Exception:  # noqa: BLE001 - a template may reject the marked conversation
+        return None
+    if text.count(first) != 1 or text.count(last) != 1:
+        return None
+    prefix, suffix = text[: text.index(first)], text[text.index(last) + len(last) :]
+    if not (prompt_text.startswith(prefix) and prompt_text.endswith(suffix) and len(prefix) + len(suffix) <= len(prompt_text)):
+        return None
+    begin, finish = len(prefix), len(prompt_text) - len(suffix)  # the user text's characters
+    chat = uses_chat_template(tokenizer, cfg)
+    try:
+        encoded = tokenizer(prompt_text, add_special_tokens=not chat, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        ids, offsets = [], []
+    if ids[: len(prompt_ids)] == list(prompt_ids) and len(offsets) >= len(prompt_ids):
+        inside = [i for i, (a, b) in enumerate(offsets[: len(prompt_ids)]) if b > a and a >= begin and b <= finish]
+        if inside and inside[-1] - inside[0] + 1 == len(inside):
+            return inside[0], inside[-1] + 1
+    head = encode_prompt(tokenizer, prefix, cfg)
+    middle = tokenizer(prompt_text[begin:finish], add_special_tokens=False)["input_ids"]
+    tail = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    if head + middle + tail == list(prompt_ids):
+        return len(head), len(head) + len(middle)
+    return None
+
+
+def _cut_middle(ids: list[int], keep: int, start: int, end: int) -> list[int]:
+    """``keep`` tokens of ``ids``: all of ``ids[:start]`` and ``ids[end:]``, and the two ends of ``ids[start:end]``
+    (its middle is cut). When the two fixed parts alone are too long, the end is kept whole where it fits in half
+    the budget and the start is cut at its end."""
+    n = len(ids)
+    if keep >= n:
+        return list(ids)
+    if keep <= 0:
+        return []
+    room = keep - start - (n - end)  # how many tokens of ids[start:end] fit
+    head = start + room // 2 if room >= 0 else min(start, max(keep // 2, keep - (n - end)))
+    return list(ids[:head]) + list(ids[n - (keep - head) :])
+
+
+def fit_prompt(tokenizer: Any, example: Example, cfg: DataConfig, prompt_ids: list[int], keep: int,
+               prompt_text: str | None = None) -> list[int]:
+    """The prompt cut to ``keep`` tokens: the special prefix (BOS, system turn, user-turn header) and the prompt's end
+    (the last part of the user text and the generation prompt / ``### Response:`` header) stay, the middle of the
+    user text goes, half of what is kept of it from its start and half from its end. When the user text cannot be
+    located, the first and the last ``keep // 2`` tokens (about) are kept."""
+    if keep >= len(prompt_ids):
+        return list(prompt_ids)
+    text = format_prompt(tokenizer, example, cfg) if prompt_text is None else prompt_text
+    span = _user_text_span(tokenizer, example, cfg, text, prompt_ids)
+    if span is None:
+        return _cut_middle(prompt_ids, keep, keep // 2, len(prompt_ids) - (keep - keep // 2))
+    return _cut_middle(prompt_ids, keep, *span)
+
+
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     prompt_length: int
-    response_length: int  # before truncation, EOS included
+    response_length: int  # before truncation, the end token (EOS / end of turn) included
     truncated: bool
     response_truncated: bool
     decoder_length: int = 0
@@ -198,11 +360,17 @@ def _budget(prompt_len: int, response_len: int, max_length: int) -> tuple[int, i
 
 
 def tokenize_causal(tokenizer: Any, example: Example, cfg: DataConfig) -> TokenizedExample:
-    """Prompt + response + EOS; prompt positions are -100 unless train_on_prompt; EOS stays supervised."""
-    prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, example, cfg), cfg)
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Prompt + response + end token; prompt positions are -100 unless train_on_prompt; the end token stays supervised.
+
+    The end token is the chat template's end of an assistant turn when the data uses the template, else EOS
+    (``target_end_ids``). A long prompt loses the middle of its user text (``fit_prompt``), never BOS, the system
+    turn or the generation prompt.
+    """
+    prompt_text = format_prompt(tokenizer, example, cfg)
+    prompt_ids = encode_prompt(tokenizer, prompt_text, cfg)
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + target_end_ids(tokenizer, cfg)
     keep_prompt, keep_response = _budget(len(prompt_ids), len(response_ids), cfg.max_length)
-    prompt_part = prompt_ids[len(prompt_ids) - keep_prompt :]  # keep the end of the prompt (nearest the answer)
+    prompt_part = fit_prompt(tokenizer, example, cfg, prompt_ids, keep_prompt, prompt_text)
     response_part = response_ids[:keep_response]
     prompt_labels = list(prompt_part) if cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_part)
     return TokenizedExample(

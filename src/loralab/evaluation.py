@@ -26,6 +26,7 @@ from loralab.generation import (
 from loralab.metrics import METRIC_NAMES, score_corpus, score_pair
 from loralab.models import resolve_task_type
 from loralab.fingerprints import verify_data, verify_split
+from loralab.readers import SUFFIXES
 from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
 
 
@@ -69,7 +70,7 @@ def load_prompts_file(path: str | Path, cfg: DataConfig, task_type: str) -> tupl
     return parse_rows(filled, cfg, str(path), task_type), False
 
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+DATA_SUFFIXES = SUFFIXES  # data files; anything else is one prompt per line
 
 
 def read_prompts(path: str | Path, cfg: DataConfig, task_type: str) -> list[Example]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from loralab.config import RunConfig
-from loralab.data import Example, encode_prompt, format_prompt
+from loralab.config import RunConfig, check_remote_code, remote_code_allowed
+from loralab.data import Example, chat_end_ids, encode_prompt, format_prompt
 from loralab.errors import LoralabError
 from loralab.models import load_model, load_tokenizer, resolve_task_type
 from loralab.runs import load_run_config, resolve_adapter
@@ -115,11 +115,13 @@ def model_device(model: Any) -> torch.device:
 
 
 def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_precision: bool = False,
-                   allow_classifier: bool = False) -> LoadedRun:
+                   allow_classifier: bool = False, trust_remote_code: bool = False) -> LoadedRun:
     """Load a run's base model once and attach its adapter (``best``, ``latest`` or a checkpoint step).
 
     ``full_precision`` loads a QLoRA run's base without 4-bit quantization (for merging). ``allow_classifier``
     also loads SEQ_CLS runs (their head sized and named by the run's labels); otherwise they are an error.
+    A run whose config sets ``model.trust_remote_code`` loads only with ``trust_remote_code=True`` (or inside
+    ``loralab.config.remote_code_allowed()``): the run folder alone cannot switch remote code on.
     """
     from peft import PeftModel
 
@@ -127,6 +129,8 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
     if not (adapter_path / "adapter_config.json").is_file():
         raise LoralabError(f"{adapter_path} holds no adapter (no adapter_config.json)")
     config = load_run_config(run_dir)
+    with remote_code_allowed(True) if trust_remote_code else contextlib.nullcontext():
+        check_remote_code(config, f"run {run_dir}: its config.yaml")
     task_type = resolve_task_type(config)
     if not (allow_classifier and task_type == "SEQ_CLS"):
         check_generative(task_type, run_dir)
@@ -171,15 +175,20 @@ def prompt_token_ids(run: LoadedRun, item: Example | str) -> list[int]:
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """EOS ids that end an answer: the tokenizer's (what training taught) and the model's own."""
+    """Ids that end an answer: the tokenizer's EOS, the model's own EOS ids, and the token that ends an assistant turn
+    in the tokenizer's chat template (what training supervises with the template: Gemma's ``<end_of_turn>``, Qwen's
+    ``<|im_end|>`` whose EOS is ``<|endoftext|>``, Llama 3's ``<|eot_id|>``). That token also stops answers to plain
+    prompts: it never belongs in an answer's text."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    ids.update(chat_end_ids(tokenizer)[-1:])
     return sorted(ids)
 
 
 def generation_config(model: Any, tokenizer: Any, settings: GenerationSettings) -> Any:
-    """The model's generation config with loralab's settings, padding and stop tokens applied."""
+    """The model's generation config with loralab's settings, padding and stop tokens applied (``eos_token_id`` is the
+    list of ``stop_token_ids``: in a batch, each row stops at the first of them and is padded after it)."""
     config = copy.deepcopy(model.generation_config)
     kwargs, _ = settings.generate_kwargs()
     config.update(**kwargs, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))

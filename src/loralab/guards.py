@@ -77,8 +77,24 @@ class GuardedTraining:
         return loss
 
 
+def exploded(loss: float, reference: float) -> bool:
+    """A loss far above where the run started: more than twice the starting loss plus one nat. Fine-tuning never
+    gets there by noise; a model pushed to a uniform (or saturated) output by too large a step does."""
+    return loss > 2 * reference + 1
+
+
 class DivergenceGuard(TrainerCallback):
-    """Stops when an optimizer step leaves a LoRA weight non-finite, or an evaluation's loss is non-finite."""
+    """Stops when a LoRA weight becomes non-finite after an optimizer step, when an evaluation's loss is non-finite
+    or exploded above the base model's, or when two logged training losses in a row exploded above the first one.
+
+    A model can collapse without a NaN: a huge step saturates it into a uniform output (loss = ln(vocabulary)) with
+    zero gradients, and training would go on for hours on a dead model.
+    """
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        if len(losses) >= 3 and all(exploded(loss, losses[0]) for loss in losses[-2:]):
+            raise diverged(f"the training loss rose from {losses[0]:.4g} to {losses[-1]:.4g}", state.global_step, args)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         name = non_finite_parameter(model) if model is not None else None
@@ -87,9 +103,15 @@ class DivergenceGuard(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
         loss = (metrics or {}).get("eval_loss")
-        if loss is not None and not math.isfinite(loss):
+        if loss is None:
+            return
+        if not math.isfinite(loss):
             what = "the base model's eval loss is already " if state.global_step == 0 else "the eval loss is "
             raise diverged(f"{what}{loss}", state.global_step, args)
+        base = next((h["eval_loss"] for h in state.log_history if "eval_loss" in h), None)
+        if base is not None and exploded(loss, base):
+            raise diverged(f"the eval loss rose from {base:.4g} (the model before training) to {loss:.4g}",
+                           state.global_step, args)
 
 
 class GracefulInterrupt(TrainerCallback):

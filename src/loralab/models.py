@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from torch import nn
 
 from loralab.config import DEFAULT_MODEL, LoraSettings, ModelConfig, RunConfig
 from loralab.errors import LoralabError
+from loralab.runs import replace_dir_atomic, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,11 @@ def builtin_model_path(alias: str) -> Path:
         del model.config.quantization_config
     model.config.name_or_path = alias
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    staging = staging_dir(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        replace_dir_atomic(staging, target)  # readable by other users as the umask allows
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -163,16 +161,33 @@ def load_tokenizer(model_cfg: ModelConfig, task_type: str) -> Any:
     return tokenizer
 
 
-def _torch_dtype(name: str) -> Any:
-    return "auto" if name == "auto" else getattr(torch, name)
+def load_dtype(model_cfg: ModelConfig, precision: str | None = None) -> Any:
+    """The ``dtype`` argument of ``from_pretrained`` for ``model.dtype``.
+
+    ``auto``: bfloat16 when training runs in bf16 (``precision``, a ``train.precision``, resolves to bf16 on this
+    hardware), so an 8B base never sits in memory at fp32 size; float32 otherwise, for QLoRA (its non-quantized parts)
+    and when no training precision is given (eval, compare, export). ``checkpoint``: the checkpoint's own dtype.
+    """
+    if model_cfg.dtype == "checkpoint":
+        return "auto"  # transformers: the dtype saved in the checkpoint's config
+    if model_cfg.dtype != "auto":
+        return getattr(torch, model_cfg.dtype)
+    if precision is None or model_cfg.load_in_4bit:
+        return torch.float32
+    from loralab.training import resolve_precision
+
+    return torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
 
 
-def load_model(model_cfg: ModelConfig, task_type: str, num_labels: int | None = None) -> nn.Module:
-    """Load the base model for a task type (4-bit NF4 with bf16 compute when ``load_in_4bit``)."""
+def load_model(model_cfg: ModelConfig, task_type: str, num_labels: int | None = None,
+               precision: str | None = None) -> nn.Module:
+    """Load the base model for a task type (4-bit NF4 with bf16 compute when ``load_in_4bit``).
+
+    ``precision`` is the ``train.precision`` the model is loaded to train with (see :func:`load_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(model_cfg.name_or_path)
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(model_cfg.dtype), "trust_remote_code": model_cfg.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": load_dtype(model_cfg, precision), "trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.load_in_4bit:
         kwargs.update(quantization_kwargs())
     auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM, "SEQ_CLS": AutoModelForSequenceClassification}[task_type]
@@ -263,6 +278,43 @@ def describe_unmatched(report: TargetReport, model: nn.Module, preset: list[str]
     return "; ".join(parts)
 
 
+CLASSIFIER_HEADS = ("classifier", "score")  # PEFT adds both to modules_to_save itself for SEQ_CLS
+
+
+def saveable_module_names(model: nn.Module) -> list[str]:
+    """Modules worth saving whole: those with their own weights outside the repeated layers (embeddings, final norms,
+    heads), each named by the shortest suffix that PEFT's modules_to_save matching takes to it alone."""
+    every = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    names = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if not name or any(p.isdigit() for p in parts) or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        suffixes = (".".join(parts[-k:]) for k in range(1, len(parts) + 1))
+        names.append(next((s for s in suffixes if [n for n in every if n.endswith(s)] == [name]), name))
+    return names
+
+
+def unmatched_modules_to_save(model: nn.Module, entries: list[str], task_type: str) -> list[str]:
+    """The ``lora.modules_to_save`` entries that match no module as PEFT matches them (a module name ending with the
+    entry); for SEQ_CLS the head names are exempt (PEFT saves the head under whichever of them exists)."""
+    every = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    exempt = CLASSIFIER_HEADS if task_type == "SEQ_CLS" else ()
+    return [e for e in entries if e not in exempt and not any(n.endswith(e) for n in every)]
+
+
+def describe_unmatched_modules_to_save(unmatched: list[str], model: nn.Module, task_type: str) -> str:
+    """A message naming the entries that matched nothing and the modules that can be saved."""
+    parts = [f"lora.modules_to_save {unmatched} matched no module of the model (PEFT matches a module whose name ends "
+             "with the entry)"]
+    heads = [e for e in unmatched if e in CLASSIFIER_HEADS]
+    if heads and task_type != "SEQ_CLS":
+        parts.append(f"{heads} is a classification head, which a {task_type} model does not have (set "
+                     "model.task_type: SEQ_CLS to train a classifier: PEFT then trains and saves the head itself)")
+    parts.append(f"modules that can be saved whole: {', '.join(saveable_module_names(model))}")
+    return "; ".join(parts)
+
+
 def lora_config(settings: LoraSettings, task_type: str, targets: list[str] | str) -> Any:
     """A ``peft.LoraConfig`` from loralab's settings."""
     from peft import LoraConfig
@@ -293,8 +345,22 @@ def apply_lora(model: nn.Module, settings: LoraSettings, task_type: str) -> tupl
         raise LoralabError(describe_unmatched(report, model, preset))
     if report.unmatched_names:
         log.warning(describe_unmatched(report, model, preset))
+    unsaved = unmatched_modules_to_save(model, settings.modules_to_save or [], settings.task_type or task_type)
+    if unsaved:
+        raise LoralabError(describe_unmatched_modules_to_save(unsaved, model, settings.task_type or task_type))
     peft_model = get_peft_model(model, lora_config(settings, task_type, targets))
     return peft_model, report
+
+
+def trainable_to_fp32(model: nn.Module) -> int:
+    """Store every trainable floating-point parameter in float32 (LoRA weights, modules_to_save copies, trained
+    biases), e.g. after loading the base in bf16; frozen ones stay as they are. Returns the count."""
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
 
 
 def parameter_counts(model: nn.Module) -> dict[str, float]:

@@ -101,14 +101,6 @@ def supports_packing(model: nn.Module) -> bool:
             and hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None)
 
 
-def supports_supervised_logits(model: nn.Module) -> bool:
-    """Former gate of both levers, still what ``build_collator`` asks before packing: same as ``supports_packing``.
-
-    Whether the supervised-logits loss is exact is ``supervised_logits_exact``, which holds for more models.
-    """
-    return supports_packing(model)
-
-
 def supervised_logits_exact(model: nn.Module) -> bool:
     """Whether ``supervised_lm_loss`` gives the model's own loss for ``model`` as it is wrapped.
 

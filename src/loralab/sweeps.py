@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from loralab.config import RunConfig, build_config, config_keys, parse_override, read_yaml, set_dotted
+from loralab.config import check_remote_code, RunConfig, build_config, config_keys, parse_override, read_yaml, set_dotted
 from loralab.errors import ConfigError, LoralabError
 from loralab.guards import TrainingInterrupted
 from loralab.runs import (RunPaths, comparable_config, list_checkpoints, load_run_config, read_summary, write_json_atomic,
@@ -329,6 +329,7 @@ def expand_grid(spec: SweepSpec) -> list[PlannedRun]:
         for key, value in zip(keys, combination):
             set_dotted(merged, key, copy.deepcopy(value))
         config = build_config(merged, source=f"sweep run {number} of {len(combinations)} [{label}]")
+        check_remote_code(config, f"sweep run {number} [{label}]")  # the config alone never enables remote code
         dumped = config.model_dump(mode="json")
         values = {key: get_dotted(dumped, key) for key in keys}
         planned.append(PlannedRun(run_name(values, labels), values, config))

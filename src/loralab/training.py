@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +24,14 @@ from loralab.models import (
     load_tokenizer,
     parameter_counts,
     resolve_task_type,
+    trainable_to_fp32,
 )
-from loralab.speed import (PackingCollator, cast_frozen_weights, supervised_lm_loss, supports_supervised_logits,
-                           use_fast_dropout)
 from loralab.checkpoints import checkpoint_step, resume_point
 from loralab.fingerprints import data_record, verify_data
 from loralab.guards import (DivergenceGuard, GracefulInterrupt, GuardedTraining, ShareableCheckpoints, TrainingDiverged,
                             TrainingInterrupted, non_finite_parameter)
 from loralab.runs import RunFolder, RunPaths, replace_dir_atomic, staging_dir, trim_metrics, write_json_atomic
+from loralab.speed import PackingCollator, cast_frozen_weights, supervised_lm_loss, supports_packing, use_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +48,38 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` becomes bf16 where the hardware runs it natively, else fp16 (older GPUs) or fp32."""
+FP16_OVERFLOW_TYPES = ("t5", "mt5", "umt5")  # T5 / mT5 / mt0 / flan-T5: activations overflow fp16 (NaN losses)
+
+
+def gpu_precision() -> str | None:
+    """The reduced precision the CUDA GPU runs natively: bf16, fp16 (older GPUs such as a T4), or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def model_type_of(model: Any) -> str | None:
+    """A (PEFT-wrapped) model's ``config.model_type``, for :func:`resolve_precision`."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def resolve_precision(precision: str, model_type: str | None = None) -> str:
+    """``auto`` becomes bf16 where the hardware runs it natively, else fp16 (older GPUs) or fp32.
+
+    On a GPU without bf16, T5-family models (``model_type`` t5, mt5, umt5) get fp32: they overflow in fp16."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    gpu = gpu_precision()
+    if gpu == "fp16" and model_type in FP16_OVERFLOW_TYPES:
+        return "fp32"
+    if gpu:
+        return gpu
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def autocast(precision: str, device: torch.device) -> Any:
-    """The mixed-precision context of training for a ``train.precision`` (resolved for this hardware)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision))
+def autocast(precision: str, device: torch.device, model_type: str | None = None) -> Any:
+    """The mixed-precision context of training for a ``train.precision`` (resolved for this hardware and model)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, model_type))
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -94,7 +113,7 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     """Load tokenizer and data first (fast failures), then the model, then apply LoRA."""
     task_type, tokenizer, data = prepared or load_tokenizer_and_data(config)
     num_labels = len(data.label_ids) if data.label_ids else None  # ids are 0..n-1 (data.label_vocabulary)
-    model = load_model(config.model, task_type, num_labels=num_labels)
+    model = load_model(config.model, task_type, num_labels=num_labels, precision=config.train.precision)
     if data.label_ids:
         model.config.id2label = {i: name for name, i in data.label_ids.items()}
         model.config.label2id = dict(data.label_ids)
@@ -110,15 +129,18 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model, targets = apply_lora(model, config.lora, task_type)
-    if resolve_precision(config.train.precision) == "bf16" and not config.model.load_in_4bit:
-        cast_frozen_weights(peft_model, torch.bfloat16)  # LoRA weights stay fp32
+    precision = resolve_precision(config.train.precision, model_type_of(model))
+    if precision == "bf16" and not config.model.load_in_4bit:
+        cast_frozen_weights(peft_model, torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        trainable_to_fp32(peft_model)  # LoRA weights and modules_to_save copies in fp32, also from a bf16 base
     use_fast_dropout(peft_model)
     return Session(config, task_type, tokenizer, data, peft_model, targets, build_collator(config, task_type, tokenizer, peft_model))
 
 
 def build_collator(config: RunConfig, task_type: str, tokenizer: Any, model: Any) -> Any:
     """Packing for causal LMs when enabled (architectures known to honour packed position ids), else dynamic padding."""
-    if task_type == "CAUSAL_LM" and config.train.packing and supports_supervised_logits(model):
+    if task_type == "CAUSAL_LM" and config.train.packing and supports_packing(model):
         return PackingCollator(tokenizer.pad_token_id, config.train.pack_length or config.data.max_length)
     return make_collator(tokenizer, task_type, model)
 
@@ -156,11 +178,11 @@ def checkpoint_interval(train: Any, n_train: int, has_eval: bool) -> dict[str, A
 
 
 def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eval: bool, task_type: str, progress: bool,
-                       resuming: bool = False) -> Any:
+                       resuming: bool = False, model_type: str | None = None) -> Any:
     from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
     train = config.train
-    precision = resolve_precision(train.precision)
+    precision = resolve_precision(train.precision, model_type)
     interval = checkpoint_interval(train, n_train, has_eval)
     cls = Seq2SeqTrainingArguments if task_type == "SEQ_2_SEQ_LM" else TrainingArguments
     return cls(
@@ -243,7 +265,7 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
 
     has_eval = session.data.eval is not None and len(session.data.eval) > 0
     args = training_arguments(session.config, paths, len(session.data.train), has_eval, session.task_type, progress,
-                              resuming)
+                              resuming, model_type=model_type_of(session.model))
     cls: type = Trainer
     if session.task_type == "SEQ_2_SEQ_LM":
         cls = Seq2SeqTrainer
@@ -266,7 +288,7 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
 
 def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
     """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors) atomically."""
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
+    staging = staging_dir(target)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -385,7 +407,7 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         "n_train": len(session.data.train),
         "n_eval": len(session.data.eval or []),
         **session.data.truncation_counts(),
-        "precision": resolve_precision(config.train.precision),
+        "precision": resolve_precision(config.train.precision, model_type_of(session.model)),
         "epochs": round(epochs_done, 4),
         "steps": trainer.state.global_step,
         "train_time_s": round(elapsed, 2),

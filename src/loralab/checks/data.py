@@ -9,10 +9,12 @@ from typing import Any, Iterator
 import torch
 
 from loralab.checks.report import CheckResult, Status, verdict
-from loralab.data import IGNORE_INDEX, Example, TokenizedExample, format_prompt, tokenize, uses_chat_template
+from loralab.data import (IGNORE_INDEX, Example, TokenizedExample, format_prompt, target_end_id, tokenize,
+                          uses_chat_template)
 
 LR_RANGE = (1e-5, 1e-3)
-SCALING_RANGE = (0.25, 4.0)
+SCALING_RANGE = (0.5, 32.0)  # LoRA scaling (alpha/r, rsLoRA alpha/sqrt(r)) that users' guidance allows: alpha from
+# r/2 up to 32·r (r 4 with alpha 32 is 8; alpha 2r is 2); rsLoRA's alpha/sqrt(r) in the same range (alpha 16..64 at r 4..256)
 MAX_BATCHES = 256  # label masks are checked on at most this many collated batches
 
 
@@ -214,9 +216,17 @@ def check_lengths(session: Any) -> CheckResult:
 # ---------------------------------------------------------------- label masking
 
 
+def _end_token(session: Any) -> tuple[int | None, str]:
+    """The token a complete target ends with and its name: for causal LMs the chat template's end of an assistant turn
+    when the data uses the template (``'<end_of_turn>'``), else EOS."""
+    tok = session.tokenizer
+    end = target_end_id(tok, session.config.data) if session.task_type == "CAUSAL_LM" else tok.eos_token_id
+    return end, ("EOS" if end == tok.eos_token_id else repr(tok.convert_ids_to_tokens(end)))
+
+
 def _tokenized_label_problems(session: Any) -> tuple[list[tuple[Status, str]], dict[str, list[str]]]:
     """Label masks of every tokenized example, compared token by token with its input ids."""
-    task, eos = session.task_type, session.tokenizer.eos_token_id
+    task, (eos, eos_name) = session.task_type, _end_token(session)
     train_on_prompt = session.config.data.train_on_prompt
     found: dict[str, list[str]] = defaultdict(list)
     for split, examples, tokenized in splits(session):
@@ -250,7 +260,8 @@ def _tokenized_label_problems(session: Any) -> tuple[list[tuple[Status, str]], d
         "misaligned": ("fail", "labels differ from the input tokens at supervised positions in {n} examples (rows {rows}): "
                                "labels must not be shifted (the model shifts them)"),
         "response_masked": ("fail", "response tokens masked (-100) in {n} examples (rows {rows})"),
-        "eos": ("fail", "the target's EOS is masked or missing in {n} examples (rows {rows}): the model will not learn to stop"),
+        "eos": ("fail", f"the target's {eos_name} is masked or missing in {{n}} examples (rows {{rows}}): "
+                        "the model will not learn to stop"),
     }
     problems = [(status, text.format(n=len(found[key]), rows=row_list(found[key])))
                 for key, (status, text) in messages.items() if found.get(key)]
@@ -269,7 +280,7 @@ def _batches(session: Any) -> Iterator[tuple[list[dict[str, Any]], dict[str, tor
 
 def _batch_label_problems(session: Any) -> tuple[list[tuple[Status, str]], dict[str, int]]:
     """Collated labels against the features the collator got: padding -100, EOS kept, no cross-example targets."""
-    eos = session.tokenizer.eos_token_id
+    eos, eos_name = _end_token(session)
     counts = Counter()
     for features, batch in _batches(session):
         labels = batch["labels"]
@@ -301,8 +312,8 @@ def _batch_label_problems(session: Any) -> tuple[list[tuple[Status, str]], dict[
         problems.append(("fail", f"the collator supervises {counts['extra']} positions that tokenization masked "
                                  "(padding labels not -100?)"))
     if counts["eos_lost"]:
-        problems.append(("fail", f"the collator masked {counts['eos_lost']} of {counts['eos_expected']} target EOS tokens "
-                                 "(pad token == EOS?): the model will not learn to stop"))
+        problems.append(("fail", f"the collator masked {counts['eos_lost']} of {counts['eos_expected']} target {eos_name} tokens "
+                                 f"(pad token == {eos_name}?): the model will not learn to stop"))
     if counts["boundary_supervised"]:
         problems.append(("fail", f"{counts['boundary_supervised']} packed examples have their first token supervised: "
                                  "the loss predicts across example boundaries"))
@@ -330,7 +341,7 @@ def check_label_masking(session: Any) -> CheckResult:
         return verdict("label_masking", problems, ok, details)
     masked = "prompt masked (-100), " if session.task_type == "CAUSAL_LM" and not session.config.data.train_on_prompt else ""
     checked = f", padding -100 in {details['batches']['batches']} collated batches" if "batches" in details else ""
-    ok = f"{n} examples: {masked}response + EOS supervised{checked}; {details['supervised_tokens_train']:,} supervised train tokens"
+    ok = f"{n} examples: {masked}response + {_end_token(session)[1]} supervised{checked}; {details['supervised_tokens_train']:,} supervised train tokens"
     return verdict("label_masking", problems, ok, details)
 
 
@@ -347,14 +358,15 @@ def optimizer_steps(session: Any) -> tuple[int, int]:
 
 def check_hyperparameters(session: Any) -> CheckResult:
     """Learning rate, alpha/r scaling, dropout for the dataset size, step counts, precision for the hardware."""
-    from loralab.training import cpu_supports_bf16, resolve_precision
+    from loralab.training import FP16_OVERFLOW_TYPES, cpu_supports_bf16, model_type_of, resolve_precision
 
     cfg = session.config
     lora, train = cfg.lora, cfg.train
     per_epoch, total = optimizer_steps(session)
     scaling = lora.alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
     n_train = len(session.data.train)
-    precision = resolve_precision(train.precision)
+    model_type = model_type_of(session.model)
+    precision = resolve_precision(train.precision, model_type)
     details = {"learning_rate": train.learning_rate, "r": lora.r, "alpha": lora.alpha, "scaling": round(scaling, 4),
                "dropout": lora.dropout, "n_train": n_train, "steps_per_epoch": per_epoch, "total_steps": total,
                "effective_batch": train.batch_size * train.gradient_accumulation, "precision": precision}
@@ -363,9 +375,13 @@ def check_hyperparameters(session: Any) -> CheckResult:
     if not low <= train.learning_rate <= high:
         problems.append(("warn", f"train.learning_rate {train.learning_rate:g} is outside the usual LoRA range {low:g} .. {high:g}"))
     if not SCALING_RANGE[0] <= scaling <= SCALING_RANGE[1]:
+        low_s, high_s = SCALING_RANGE
+        rule = (f"rsLoRA rule: the effective scale alpha/sqrt(r) within {low_s:g} .. {high_s:g} (e.g. alpha 16..64 at "
+                "r 4..256)" if lora.use_rslora else
+                f"rule: alpha from r/2 to 32·r, i.e. alpha/r within {low_s:g} .. {high_s:g} (e.g. alpha 2r, or r 4 with alpha 32)")
         formula = "alpha/sqrt(r)" if lora.use_rslora else "alpha/r"
-        problems.append(("warn", f"LoRA scaling {formula} = {scaling:g} (alpha {lora.alpha:g}, r {lora.r}); "
-                                 f"usual is {SCALING_RANGE[0]:g} .. {SCALING_RANGE[1]:g} (alpha = r or 2r)"))
+        problems.append(("warn", f"LoRA scaling {formula} = {scaling:g} (alpha {lora.alpha:g}, r {lora.r}) is outside "
+                                 f"the usual guidance ({rule})"))
     if lora.dropout > 0.2:
         problems.append(("warn", f"lora.dropout {lora.dropout:g} is high (usual 0 .. 0.1): learning slows down"))
     elif lora.dropout == 0 and n_train < 200 and train.epochs > 3 and not train.max_steps:
@@ -378,6 +394,9 @@ def check_hyperparameters(session: Any) -> CheckResult:
         problems.append(("warn", f"warmup ({warmup:g} steps) covers the whole run ({total} steps): the learning rate never peaks"))
     if train.batch_size * train.gradient_accumulation > n_train:
         problems.append(("warn", f"effective batch {train.batch_size * train.gradient_accumulation} exceeds the {n_train} train examples"))
+    if precision == "fp16" and model_type in FP16_OVERFLOW_TYPES:
+        problems.append(("warn", f"train.precision fp16 on a {model_type} model: the T5 family overflows in fp16 "
+                                 "(NaN losses); use bf16 where the GPU has it, else fp32 (auto picks that)"))
     if precision == "fp16" and not torch.cuda.is_available():
         problems.append(("fail", "train.precision fp16 needs a CUDA GPU; use bf16 or fp32 (or auto) on CPU"))
     if precision == "bf16" and not torch.cuda.is_available() and not cpu_supports_bf16():

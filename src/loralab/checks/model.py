@@ -41,9 +41,9 @@ def device_of(model: Any) -> torch.device:
 
 def autocast(session: Any, device: torch.device) -> Any:
     """The mixed-precision context training uses."""
-    from loralab.training import autocast as training_autocast
+    from loralab.training import autocast as training_autocast, model_type_of
 
-    return training_autocast(session.config.train.precision, device)
+    return training_autocast(session.config.train.precision, device, model_type_of(session.model))
 
 
 def training_loss(session: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -268,13 +268,14 @@ def duration(seconds: float) -> str:
 
 def _timed_steps(session: Any, batches: list[dict[str, Any]], device: torch.device) -> tuple[list[float], list[float]]:
     """Real optimizer steps (AdamW on the LoRA weights, configured precision); LoRA weights restored afterwards."""
-    from loralab.training import resolve_precision
+    from loralab.training import model_type_of, resolve_precision
 
     model, train = session.model, session.config.train
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and resolve_precision(train.precision) == "fp16" else None
+    fp16 = resolve_precision(train.precision, model_type_of(model)) == "fp16"
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and fp16 else None
     times, losses = [], []
     with untouched(model):
         model.train()
@@ -326,7 +327,7 @@ def _eval_seconds(session: Any, device: torch.device) -> float:
 
 def check_cost(session: Any) -> CheckResult:
     """Seconds per optimizer step measured on a few real steps, projected per epoch and per run, and peak memory."""
-    from loralab.training import resolve_precision
+    from loralab.training import model_type_of, resolve_precision
 
     train = session.config.train
     device = device_of(session.model)
@@ -339,7 +340,8 @@ def check_cost(session: Any) -> CheckResult:
     except torch.cuda.OutOfMemoryError:
         return CheckResult("cost", "fail", f"out of memory at train.batch_size={train.batch_size}: lower it (raise "
                                            "train.gradient_accumulation) or set train.gradient_checkpointing=true")
-    details: dict[str, Any] = {"device": str(device), "precision": resolve_precision(train.precision), "losses": losses,
+    precision = resolve_precision(train.precision, model_type_of(session.model))
+    details: dict[str, Any] = {"device": str(device), "precision": precision, "losses": losses,
                                "step_times_s": [round(t, 4) for t in times]}
     if not math.isfinite(losses[-1]):
         return CheckResult("cost", "fail", f"the loss became {losses[-1]} after {len(losses) - 1} optimizer steps at "
