@@ -68,7 +68,8 @@ def test_orthogonal_init_leaves_the_base_and_saves_exactly(tiny_llama_dir, tmp_p
     ids = torch.tensor([[1, 5, 9, 14, 20, 3]])
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
-    settings = LoraSettings(r=8, alpha=16, init_lora_weights="orthogonal", target_modules=["q_proj", "v_proj"])
+    settings = LoraSettings(r=8, alpha=16, dropout=0.0, init_lora_weights="orthogonal",
+                            target_modules=["q_proj", "v_proj"])
     model, _ = apply_lora(base, settings, "CAUSAL_LM")
     for key, value in model.base_model.model.state_dict().items():
         if "lora_" not in key:

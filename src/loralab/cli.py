@@ -47,7 +47,8 @@ def quiet_libraries() -> None:
     # Levels first: bitsandbytes warns about optional CPU kernels as soon as transformers imports it.
     handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
-    logging.getLogger("loralab").setLevel(logging.INFO)
+    # under torchrun / accelerate launch only the writing process (global rank 0) tells what it does
+    logging.getLogger("loralab").setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     for noisy in ("peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
@@ -73,6 +74,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LoralabError as exc:
             if STATE["debug"]:
                 raise
+            if os.environ.get("RANK", "0") != "0":  # the same input error on every process: rank 0 says it
+                raise typer.Exit(1) from None
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -149,9 +152,18 @@ def train(config: Optional[Path] = typer.Argument(None, help="YAML config file (
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing loralab run folder (kept "
                                          "until the new run has loaded and passed its checks)."),
           skip_checks: bool = typer.Option(False, "--skip-checks", help="Do not run the preflight checks."),
-          trust_remote_code: bool = TrustOpt) -> None:
+          trust_remote_code: bool = TrustOpt,
+          nproc: Optional[int] = typer.Option(None, "--nproc", help="Train with N processes on this machine: starts "
+                                              "torchrun itself (one process per GPU, or CPU processes with gloo).")) -> None:
     """Fine-tune a LoRA adapter (no arguments: the built-in model on the bundled demo data)."""
+    from loralab import distributed
     from loralab.training import train as run_training
+
+    if nproc is not None:
+        code = distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc"))
+        if code:
+            raise typer.Exit(code)
+        return
 
     if resume and config is not None and not config.exists():
         raise LoralabError(f"nothing to resume: {config} does not exist (give a run folder: loralab train --resume RUN_DIR)")
@@ -162,7 +174,21 @@ def train(config: Optional[Path] = typer.Argument(None, help="YAML config file (
     resolved = resolve_run_config(config, data, model, sets, output, resume, trust_remote_code)
     preflight = None if skip_checks else _preflight()
     summary = run_training(resolved, run_dir=output, overwrite=overwrite, resume=resume or None, preflight=preflight)
-    print_summary(summary)
+    if distributed.is_main_process():
+        print_summary(summary)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """The command line without ``name VALUE`` / ``name=VALUE`` (what torchrun's processes get)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
 
 
 def resolve_run_config(config: Optional[Path], data: Optional[str], model: Optional[str], sets: Optional[list[str]],

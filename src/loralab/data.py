@@ -221,7 +221,7 @@ def chat_end_ids(tokenizer: Any) -> list[int]:
     template or no special token ends the turn).
 
     Read off by rendering a user message and an assistant message with a marker as its content. What the template
-    writes after that special token (the newline of ``<end_of_turn>\n`` / ``<|im_end|>\n``, or a closing EOS) is left
+    writes after that special token (the newline after ``<end_of_turn>`` / ``<|im_end|>``, or a closing EOS) is left
     out: generation stops at the special token, so the model never has to produce what follows it.
     """
     template = getattr(tokenizer, "chat_template", None)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from loralab.distributed import any_rank
 from loralab.errors import LoralabError
 from loralab.runs import make_shareable
 
@@ -71,7 +72,7 @@ class GuardedTraining:
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
-        if not bool(torch.isfinite(loss).all()):
+        if any_rank(~torch.isfinite(loss).all(), loss.device):  # every process stops at the same step
             step = self.state.global_step + 1  # type: ignore[attr-defined]
             raise diverged(f"the training loss is {loss.item()}", step, self.args)  # type: ignore[attr-defined]
         return loss
@@ -98,8 +99,8 @@ class DivergenceGuard(TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         name = non_finite_parameter(model) if model is not None else None
-        if name:
-            raise diverged(f"the weight {name} became non-finite", state.global_step + 1, args)
+        if any_rank(name is not None):  # sharded weights (FSDP) may differ between processes
+            raise diverged(f"the weight {name or '(on another process)'} became non-finite", state.global_step + 1, args)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
         loss = (metrics or {}).get("eval_loss")
@@ -132,7 +133,7 @@ class GracefulInterrupt(TrainerCallback):
             self._previous = signal.signal(signal.SIGINT, self._handler)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.requested:
+        if any_rank(self.requested):  # Ctrl-C reaches every process, maybe not in the same step
             control.should_save = True
             control.should_training_stop = True
 
@@ -149,6 +150,8 @@ class ShareableCheckpoints(TrainerCallback):
     """Checkpoints get the permissions the umask gives, like every other file of the run."""
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             make_shareable(folder)

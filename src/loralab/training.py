@@ -26,7 +26,8 @@ from loralab.models import (
     resolve_task_type,
     trainable_to_fp32,
 )
-from loralab.checkpoints import checkpoint_step, resume_point
+from loralab.checkpoints import checkpoint_step, complete_checkpoints, resume_point
+from loralab.distributed import barrier, init_process_group, is_main_process
 from loralab.fingerprints import data_record, verify_data
 from loralab.guards import (DivergenceGuard, GracefulInterrupt, GuardedTraining, ShareableCheckpoints, TrainingDiverged,
                             TrainingInterrupted, non_finite_parameter)
@@ -155,7 +156,7 @@ class MetricsFileCallback(TrainerCallback):
         self.path = path
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # one process writes the file
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3), **logs}
         with self.path.open("a", encoding="utf-8") as handle:
@@ -216,6 +217,7 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
         label_names=["labels"],
         disable_tqdm=not progress,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step: no extra graph traversal
         **interval,
     )
 
@@ -286,12 +288,17 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
 # ---------------------------------------------------------------- a whole run
 
 
-def save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
-    """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors) atomically."""
+def save_adapter(model: Any, tokenizer: Any, target: Path, label_ids: dict[str, int] | None = None) -> None:
+    """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors, + labels.json for a
+    classifier) into a staging folder, then move it into place atomically."""
     staging = staging_dir(target)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if label_ids:
+            from loralab.classification import save_labels
+
+            save_labels(staging, label_ids)
         replace_dir_atomic(staging, target)
     finally:
         if staging.exists():
@@ -319,8 +326,11 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bo
     run_path = Path(run_dir) if run_dir else config.run_dir()
     from transformers import set_seed
 
+    init_process_group()  # under torchrun / accelerate launch: the barriers below need the group
+    main = is_main_process()  # only global rank 0 writes the run folder; the others wait at barriers
     prepared = load_tokenizer_and_data(config)  # bad data fails before any folder is touched
     folder = RunFolder.plan(config, run_path, overwrite=overwrite, resume=resume)  # checks only, changes nothing
+    barrier()  # every rank has seen the folder as it was before rank 0 changes it
     paths = folder.paths
     if folder.mode == "resume":
         verify_data(paths.data_fingerprint, config.data, f"resume {paths.root}")
@@ -333,15 +343,18 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bo
     if preflight is not None:
         preflight(session)
 
-    folder.open()  # only now is an overwritten run set aside
+    if main:
+        folder.open()  # only now is an overwritten run set aside
     try:
         summary = _train_session(session, folder, counts, progress, callbacks or [])
     except BaseException as exc:
-        note = folder.failed()
+        note = folder.failed() if main else None
         if note and isinstance(exc, LoralabError):
             exc.args = (f"{exc} ({note})",)
         raise
-    folder.finished()
+    if main:
+        folder.finished()
+    barrier()
     return summary
 
 
@@ -349,14 +362,21 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
                    extra_callbacks: list[Any]) -> dict[str, Any]:
     """Train an opened run folder's session to the end: checkpoints, guards, the best adapter, summary.json."""
     config, paths = session.config, folder.paths
-    start = resume_point(paths.root) if folder.mode == "resume" else None  # torn checkpoints are set aside
+    main = is_main_process()
+    start = None
+    if main:
+        start = resume_point(paths.root) if folder.mode == "resume" else None  # torn checkpoints are set aside
+        if start is not None:
+            trim_metrics(paths.root, checkpoint_step(start))  # lines logged after the checkpoint are logged again
+        else:
+            paths.metrics.unlink(missing_ok=True)
+            write_json_atomic(paths.data_fingerprint, data_record(config.data, session.data.train_examples,
+                                                                  session.data.eval_examples))
+    barrier()
+    if not main and folder.mode == "resume":
+        found = complete_checkpoints(paths.root)  # rank 0 has set the torn ones aside
+        start = found[-1] if found else None
     resume_from = str(start) if start else None
-    if start is not None:
-        trim_metrics(paths.root, checkpoint_step(start))  # lines logged after the checkpoint are logged again
-    else:
-        paths.metrics.unlink(missing_ok=True)
-        write_json_atomic(paths.data_fingerprint, data_record(config.data, session.data.train_examples,
-                                                              session.data.eval_examples))
     callbacks: list[Any] = list(extra_callbacks)
     if config.train.eval_generate:  # generation metrics (exact match, ROUGE-L, chrF, BLEU) at each evaluation
         from loralab.evaluation import generation_callback
@@ -372,8 +392,9 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"training interrupted before its next checkpoint; {resume_hint}") from None
     except TrainingDiverged as exc:
-        write_json_atomic(paths.summary, {"run": str(paths.root), "status": "diverged", "reason": str(exc),
-                                          "step": exc.step, "model": config.model.name_or_path})
+        if main:
+            write_json_atomic(paths.summary, {"run": str(paths.root), "status": "diverged", "reason": str(exc),
+                                              "step": exc.step, "model": config.model.name_or_path})
         raise
     finally:
         interrupt.restore()
@@ -387,15 +408,12 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         what = f"the weight {bad} is non-finite" if bad else f"the training loss is {output.training_loss}"
         raise TrainingDiverged(f"training diverged: {what}; lower train.learning_rate. No adapter was written",
                                trainer.state.global_step)
-    save_adapter(session.model, session.tokenizer, paths.adapter)
+    if main:  # SEQ_CLS: the class names (in id order) go with the adapter as adapter/labels.json
+        save_adapter(session.model, session.tokenizer, paths.adapter, label_ids=session.data.label_ids)
     history = trainer.state.log_history
     best = trainer.state.best_model_checkpoint
     epochs_done = trainer.state.epoch or 0.0
-    labels = None
-    if session.data.label_ids:  # SEQ_CLS: the class names (id order) saved with the adapter as adapter/labels.json
-        from loralab.classification import save_labels
-
-        labels = save_labels(paths.adapter, session.data.label_ids)
+    labels = list(sorted(session.data.label_ids, key=session.data.label_ids.get)) if session.data.label_ids else None
     summary = {
         "run": str(paths.root),
         "status": "finished",
@@ -422,5 +440,6 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         "resumed_from": str(Path(resume_from).relative_to(paths.root)) if resume_from else None,
         **({"labels": labels} if labels else {}),
     }
-    write_json_atomic(paths.summary, summary)
+    if main:
+        write_json_atomic(paths.summary, summary)
     return summary

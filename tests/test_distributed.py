@@ -1,0 +1,64 @@
+"""Several processes: `loralab train --nproc 2` (torchrun, gloo on CPU) writes the run folder once and trains as one
+process with twice the gradient accumulation does (same global batch, same samples per step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import opposite_records, tiny_overrides
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+
+
+def _loralab(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "loralab", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd, env=env)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_write_once_and_match_gradient_accumulation(tiny_llama_dir, tmp_path):
+    data = tmp_path / "d.json"  # 16 train / 4 eval: every step has the same 4 samples in both runs
+    data.write_text(json.dumps(opposite_records()[:20]))
+    common = tiny_overrides(tiny_llama_dir, data, tmp_path / "runs", **{"train.batch_size": 2, "train.epochs": 2,
+                                                                        "train.logging_steps": 1})
+    sets = [a for o in common for a in ("--set", o)]
+    two = _loralab(["train", "--nproc", "2", *sets, "--set", "name=ddp", "--skip-checks"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _loralab(["train", *sets, "--set", "name=ga", "--set", "train.gradient_accumulation=2", "--skip-checks"],
+                   tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    ddp, ga = tmp_path / "runs" / "ddp", tmp_path / "runs" / "ga"
+    assert two.stdout.count("trainable params") == 1  # the summary once, from rank 0
+    rows = _rows(ddp)
+    assert len(rows) == len(_rows(ga))  # every line once
+    for key in ("loss", "eval_loss"):
+        got = {r["step"]: r[key] for r in rows if key in r}
+        want = {r["step"]: r[key] for r in _rows(ga) if key in r}
+        assert got.keys() == want.keys() and len(got) == len([r for r in rows if key in r])
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=2e-3), f"{key} at step {step}"
+    a, b = load_file(ddp / "adapter" / "adapter_model.safetensors"), load_file(ga / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3) for k in a)
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 8
+    assert sorted(p.name for p in ddp.iterdir()) == ["adapter", "checkpoints", "config.yaml", "data.json",
+                                                     "metrics.jsonl", "summary.json"]
+
+
+def test_nproc_larger_than_the_machine_is_refused_before_anything_starts(tmp_path):
+    result = _loralab(["train", "--nproc", "4096"], tmp_path)
+    assert result.returncode == 1 and "more processes than this machine has" in result.stderr
+    assert not (tmp_path / "runs").exists()
