@@ -37,12 +37,28 @@ class ModelConfig(_Section):
     # non-quantized parts use float32. "checkpoint": the dtype the checkpoint was saved in (transformers' dtype="auto",
     # what "auto" meant before). float32 / bfloat16 / float16: exactly that. LoRA weights are trained in float32.
     trust_remote_code: bool = False
-    load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization (bitsandbytes)
+    # QLoRA (bitsandbytes; transformers' BitsAndBytesConfig names): a 4-bit (or 8-bit) frozen base, LoRA in fp32
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 where it runs natively
 
     @field_validator("task_type", mode="before")
     @classmethod
     def _upper_task(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_quantization(self) -> "ModelConfig":
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model.load_in_4bit and model.load_in_8bit are both true; choose one")
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weights are loaded quantized (bitsandbytes 4-bit or 8-bit)."""
+        return self.load_in_4bit or self.load_in_8bit
 
 
 LORA_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}  # PEFT's names, accepted as aliases
@@ -201,8 +217,10 @@ class TrainConfig(_Section):
     # what an interruption can lose. Evaluation follows (a checkpoint is ranked by its eval loss).
     eval_steps: int | None = Field(None, gt=0)  # evaluate every N steps (default: with each checkpoint)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # default: on for a quantized base (QLoRA), off otherwise
     resume: bool = False
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                   "adafactor", "sgd"] = "adamw_torch"  # the Trainer's optimizer names (8-bit / paged: bitsandbytes)
     logging_steps: int = Field(5, gt=0)
     group_by_length: bool = False  # length-grouped batches: less padding but all-short / all-long batches, which
     # measured a worse loss after an epoch than random order (benchmarks/train_throughput.py)

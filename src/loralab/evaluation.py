@@ -235,9 +235,9 @@ class GenerationMetricsCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         if model is None or not self.examples:
             return
-        from loralab.training import autocast
+        from loralab.training import autocast, model_type_of
 
-        with autocast(self.config.train.precision, model_device(model)):  # as the Trainer computes eval_loss
+        with autocast(self.config.train.precision, model_device(model), model_type_of(model)):  # as the Trainer computes eval_loss
             scores = generation_metrics(model, self.tokenizer, self.config, self.task_type, self.examples, self.settings)
         if metrics is not None:
             metrics.update(scores)

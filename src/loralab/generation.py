@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from loralab.config import RunConfig, check_remote_code, remote_code_allowed
-from loralab.data import Example, chat_end_ids, encode_prompt, format_prompt
+from loralab.data import Example, chat_end_ids, encode_prompt, fit_prompt, format_prompt
 from loralab.errors import LoralabError
 from loralab.models import load_model, load_tokenizer, resolve_task_type
 from loralab.runs import load_run_config, resolve_adapter
@@ -135,7 +135,8 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
     if not (allow_classifier and task_type == "SEQ_CLS"):
         check_generative(task_type, run_dir)
     tokenizer = load_tokenizer(config.model, task_type)
-    model_cfg = config.model.model_copy(update={"load_in_4bit": False}) if full_precision else config.model
+    model_cfg = config.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False}) if full_precision \
+        else config.model
     if task_type == "SEQ_CLS":
         from loralab.classification import load_classifier_base
 
@@ -148,7 +149,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
         model = PeftModel.from_pretrained(base, str(adapter_path))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise LoralabError(f"cannot load the adapter {adapter_path} onto {config.model.name_or_path!r}: {exc}") from None
-    if torch.cuda.is_available() and not config.model.load_in_4bit:
+    if torch.cuda.is_available() and not config.model.quantized:
         model.to("cuda")
     model.eval()
     return LoadedRun(config, task_type, tokenizer, model, adapter_path, Path(run_dir))
@@ -167,8 +168,10 @@ def prompt_token_ids(run: LoadedRun, item: Example | str) -> list[int]:
     if run.task_type == "SEQ_2_SEQ_LM":
         ids = run.tokenizer(example.prompt)["input_ids"]
         return ids if len(ids) <= cfg.max_length else ids[: cfg.max_length - 1] + [ids[-1]]
-    ids = encode_prompt(run.tokenizer, format_prompt(run.tokenizer, example, cfg, run.task_type), cfg)
-    return ids[-cfg.max_length :]  # keep the end, nearest the answer, as training does
+    text = format_prompt(run.tokenizer, example, cfg, run.task_type)
+    ids = encode_prompt(run.tokenizer, text, cfg)
+    # as training: a long prompt keeps its special prefix and its end, and loses the middle of the user text
+    return fit_prompt(run.tokenizer, example, cfg, ids, cfg.max_length, prompt_text=text)
 
 
 # ---------------------------------------------------------------- generation

@@ -172,7 +172,7 @@ def load_dtype(model_cfg: ModelConfig, precision: str | None = None) -> Any:
         return "auto"  # transformers: the dtype saved in the checkpoint's config
     if model_cfg.dtype != "auto":
         return getattr(torch, model_cfg.dtype)
-    if precision is None or model_cfg.load_in_4bit:
+    if precision is None or model_cfg.quantized:
         return torch.float32
     from loralab.training import resolve_precision
 
@@ -188,8 +188,8 @@ def load_model(model_cfg: ModelConfig, task_type: str, num_labels: int | None = 
 
     path = resolve_model_path(model_cfg.name_or_path)
     kwargs: dict[str, Any] = {"dtype": load_dtype(model_cfg, precision), "trust_remote_code": model_cfg.trust_remote_code}
-    if model_cfg.load_in_4bit:
-        kwargs.update(quantization_kwargs())
+    if model_cfg.quantized:
+        kwargs["quantization_config"] = quantization_config(model_cfg)
     auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM, "SEQ_CLS": AutoModelForSequenceClassification}[task_type]
     if task_type == "SEQ_CLS" and num_labels:
         kwargs["num_labels"] = num_labels
@@ -197,24 +197,49 @@ def load_model(model_cfg: ModelConfig, task_type: str, num_labels: int | None = 
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise LoralabError(f"cannot load {model_cfg.name_or_path!r} as {task_type}: {exc}") from None
-    if model_cfg.load_in_4bit:
+    if model_cfg.quantized:
         from peft import prepare_model_for_kbit_training
 
+        # layer norms and the output layer to fp32, input gradients on; gradient checkpointing is set up by training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 
-def quantization_kwargs() -> dict[str, Any]:
-    """QLoRA loading arguments: NF4 weights, double quantization, bf16 compute."""
+def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """The dtype 4-bit layers compute in: ``bnb_4bit_compute_dtype``, auto = bf16 where the hardware runs it."""
+    if model_cfg.bnb_4bit_compute_dtype != "auto":
+        return getattr(torch, model_cfg.bnb_4bit_compute_dtype)
+    from loralab.training import resolve_precision
+
+    return torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32
+
+
+def quantization_config(model_cfg: ModelConfig) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``model.load_in_4bit`` / ``model.load_in_8bit``."""
+    key = "model.load_in_4bit" if model_cfg.load_in_4bit else "model.load_in_8bit"
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError:
-        raise LoralabError("model.load_in_4bit needs bitsandbytes: pip install 'loralab[qlora]'") from None
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-    )
-    return {"quantization_config": config}
+        raise LoralabError(f"{key} needs bitsandbytes: pip install 'loralab[qlora]'") from None
+    if model_cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=model_cfg.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(model_cfg))
+
+
+def quantization_summary(model_cfg: ModelConfig, model: nn.Module) -> dict[str, Any]:
+    """What summary.json says about the base weights: quantization (or none) and their memory."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    footprint = base.get_memory_footprint() if hasattr(base, "get_memory_footprint") else None
+    if not model_cfg.quantized:
+        return {"quantization": None, "base_memory_bytes": footprint}
+    details: dict[str, Any] = {"bits": 4 if model_cfg.load_in_4bit else 8}
+    if model_cfg.load_in_4bit:
+        details.update(quant_type=model_cfg.bnb_4bit_quant_type, double_quant=model_cfg.bnb_4bit_use_double_quant,
+                       compute_dtype=str(compute_dtype(model_cfg)).removeprefix("torch."))
+    return {"quantization": details, "base_memory_bytes": footprint}
 
 
 # ---------------------------------------------------------------- LoRA

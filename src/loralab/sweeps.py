@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from loralab.config import check_remote_code, RunConfig, build_config, config_keys, parse_override, read_yaml, set_dotted
+from loralab.config import KEY_ALIASES, RunConfig, check_remote_code, build_config, config_keys, parse_override, read_yaml, set_dotted
 from loralab.errors import ConfigError, LoralabError
 from loralab.guards import TrainingInterrupted
 from loralab.runs import (RunPaths, comparable_config, list_checkpoints, load_run_config, read_summary, write_json_atomic,
@@ -205,6 +205,7 @@ def validate_spec(spec: SweepSpec, source: str = "sweep") -> None:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {spec.max_new_tokens!r}")
     if not spec.grid:
         raise ConfigError(f"the sweep grid is empty ({source}): give --grid key=v1,v2 or a 'grid:' mapping in a sweep file")
+    spec.grid = {KEY_ALIASES.get(key, key): values for key, values in spec.grid.items()}  # PEFT's lora_alpha, ...
     known = config_keys()
     for key, values in spec.grid.items():
         if key in RESERVED_KEYS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from loralab.models import (
     load_model,
     load_tokenizer,
     parameter_counts,
+    quantization_summary,
     resolve_task_type,
     trainable_to_fp32,
 )
@@ -126,17 +128,34 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
         # No KV cache in training: it is useless there, and with a cache transformers skips the packed-sequence
         # detection, letting attention leak across packed examples.
         model.config.use_cache = False
-    if config.train.gradient_checkpointing:
+    if uses_gradient_checkpointing(config):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model, targets = apply_lora(model, config.lora, task_type)
     precision = resolve_precision(config.train.precision, model_type_of(model))
-    if precision == "bf16" and not config.model.load_in_4bit:
+    if precision == "bf16" and not config.model.quantized:
         cast_frozen_weights(peft_model, torch.bfloat16)
     if precision in ("bf16", "fp16"):
         trainable_to_fp32(peft_model)  # LoRA weights and modules_to_save copies in fp32, also from a bf16 base
     use_fast_dropout(peft_model)
     return Session(config, task_type, tokenizer, data, peft_model, targets, build_collator(config, task_type, tokenizer, peft_model))
+
+
+def uses_gradient_checkpointing(config: RunConfig) -> bool:
+    """``train.gradient_checkpointing``; unset: on for a quantized base (QLoRA's memory budget), off otherwise."""
+    setting = config.train.gradient_checkpointing
+    return config.model.quantized if setting is None else setting
+
+
+def check_optimizer(optim: str) -> str:
+    """``train.optim`` if the installed libraries and this device offer it, else a clear error."""
+    needs_bnb = "8bit" in optim or optim.startswith("paged_")
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        raise LoralabError(f"train.optim={optim} needs bitsandbytes: pip install 'loralab[qlora]'")
+    if optim.startswith("paged_") and not torch.cuda.is_available():
+        raise LoralabError(f"train.optim={optim} pages optimizer state between GPU and CPU memory and needs a CUDA GPU; "
+                           "on CPU use adamw_torch (or adamw_8bit)")
+    return optim
 
 
 def build_collator(config: RunConfig, task_type: str, tokenizer: Any, model: Any) -> Any:
@@ -217,6 +236,7 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
         label_names=["labels"],
         disable_tqdm=not progress,
         dataloader_num_workers=0,
+        optim=check_optimizer(train.optim),
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step: no extra graph traversal
         **interval,
     )
@@ -426,6 +446,9 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         "n_eval": len(session.data.eval or []),
         **session.data.truncation_counts(),
         "precision": resolve_precision(config.train.precision, model_type_of(session.model)),
+        **quantization_summary(config.model, session.model),
+        "optimizer": config.train.optim,
+        "gradient_checkpointing": uses_gradient_checkpointing(config),
         "epochs": round(epochs_done, 4),
         "steps": trainer.state.global_step,
         "train_time_s": round(elapsed, 2),

@@ -204,7 +204,7 @@ def check_lengths(session: Any) -> CheckResult:
                                  f"(rows {row_list(cut_rows)}); the longest example needs {need} tokens"))
     elif truncated_rows:
         problems.append(("warn", f"{len(truncated_rows)} of {n} prompts cut by data.max_length={max_length} "
-                                 f"(the start is dropped); the longest example needs {need} tokens"))
+                                 f"(the middle of the user text is cut; BOS, system turn and the end stay); the longest example needs {need} tokens"))
     if session.task_type == "SEQ_CLS":
         ok = f"input tokens min/median/p95/max {stats_text(stats(prompts))}; none truncated (max_length {max_length})"
     else:

@@ -1,0 +1,63 @@
+"""QLoRA on CPU (bitsandbytes): a 4-bit / 8-bit frozen base, fp32 LoRA, recorded in summary.json, merged exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import opposite_records, tiny_overrides
+from loralab.config import build_config
+from loralab.errors import ConfigError, LoralabError
+from loralab.training import setup, train
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qlora") / "d.json"
+    path.write_text(json.dumps(opposite_records()))
+    return path
+
+
+def test_4bit_base_trains_fp32_lora_and_records_the_quantization(tiny_llama_dir, data_file, tmp_path):
+    import bitsandbytes as bnb
+
+    config = build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, name="q4",
+                                                   **{"model.load_in_4bit": True, "model.bnb_4bit_quant_type": "fp4"}))
+    session = setup(config)
+    layer = session.model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and layer.base_layer.weight.quant_type == "fp4"
+    assert all(p.dtype == torch.float32 for p in session.model.parameters() if p.requires_grad)
+    summary = train(config, progress=False)
+    assert summary["quantization"] == {"bits": 4, "quant_type": "fp4", "double_quant": True, "compute_dtype": "float32"}
+    assert summary["gradient_checkpointing"] is True  # on by default for a quantized base
+    assert summary["final_eval_loss"] < summary["base_eval_loss"] * 0.8
+    assert 0 < summary["base_memory_bytes"]
+
+    from loralab.export import export_merged
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(tmp_path / "q4", tmp_path / "merged"))
+    assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())  # merged into a full-precision base
+
+
+def test_8bit_base_and_8bit_optimizer_train(tiny_llama_dir, data_file, tmp_path):
+    summary = train(build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, name="q8", **{
+        "model.load_in_8bit": True, "train.optim": "adamw_8bit", "train.max_steps": 3})), progress=False)
+    assert summary["quantization"] == {"bits": 8} and summary["optimizer"] == "adamw_8bit"
+    assert summary["final_eval_loss"] < summary["base_eval_loss"]
+
+
+def test_quantization_settings_that_cannot_work_are_refused(tiny_llama_dir, data_file, tmp_path):
+    with pytest.raises(ConfigError, match="load_in_4bit and model.load_in_8bit are both true"):
+        build_config(overrides=["model.load_in_4bit=true", "model.load_in_8bit=true"])
+    with pytest.raises(ConfigError, match="bnb_4bit_quant_type"):
+        build_config(overrides=["model.bnb_4bit_quant_type=int3"])
+    if not torch.cuda.is_available():
+        config = build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, name="paged",
+                                                       **{"train.optim": "paged_adamw_8bit"}))
+        with pytest.raises(LoralabError, match="needs a CUDA GPU; on CPU use adamw_torch"):
+            train(config, progress=False)
