@@ -28,34 +28,64 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_write_once_and_match_gradient_accumulation(tiny_llama_dir, tmp_path):
-    data = tmp_path / "d.json"  # 16 train / 4 eval: every step has the same 4 samples in both runs
+@pytest.fixture(scope="module")
+def setting(tiny_llama_dir, tmp_path_factory):
+    """16 train / 4 eval examples (every step has the same 4 samples in every run) and one single-process run with
+    twice the gradient accumulation, the reference for the multi-process runs."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    data = tmp / "d.json"
     data.write_text(json.dumps(opposite_records()[:20]))
-    common = tiny_overrides(tiny_llama_dir, data, tmp_path / "runs", **{"train.batch_size": 2, "train.epochs": 2,
-                                                                        "train.logging_steps": 1})
+    common = tiny_overrides(tiny_llama_dir, data, tmp / "runs", **{"train.batch_size": 2, "train.epochs": 2,
+                                                                   "train.logging_steps": 1})
     sets = [a for o in common for a in ("--set", o)]
-    two = _loralab(["train", "--nproc", "2", *sets, "--set", "name=ddp", "--skip-checks"], tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = _loralab(["train", *sets, "--set", "name=ga", "--set", "train.gradient_accumulation=2", "--skip-checks"],
-                   tmp_path)
+    one = _loralab(["train", *sets, "--set", "name=ga", "--set", "train.gradient_accumulation=2", "--skip-checks"], tmp)
     assert one.returncode == 0, one.stderr[-3000:]
+    return tmp, sets
 
-    ddp, ga = tmp_path / "runs" / "ddp", tmp_path / "runs" / "ga"
-    assert two.stdout.count("trainable params") == 1  # the summary once, from rank 0
-    rows = _rows(ddp)
-    assert len(rows) == len(_rows(ga))  # every line once
+
+def _assert_same_training(run: Path, reference: Path) -> None:
+    rows, want_rows = _rows(run), _rows(reference)
+    assert len(rows) == len(want_rows)  # every line once
     for key in ("loss", "eval_loss"):
         got = {r["step"]: r[key] for r in rows if key in r}
-        want = {r["step"]: r[key] for r in _rows(ga) if key in r}
+        want = {r["step"]: r[key] for r in want_rows if key in r}
         assert got.keys() == want.keys() and len(got) == len([r for r in rows if key in r])
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=2e-3), f"{key} at step {step}"
-    a, b = load_file(ddp / "adapter" / "adapter_model.safetensors"), load_file(ga / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3) for k in a)
-    summary = json.loads((ddp / "summary.json").read_text())
+    a = load_file(run / "adapter" / "adapter_model.safetensors")
+    b = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].numel() and torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3) for k in a)
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 8
-    assert sorted(p.name for p in ddp.iterdir()) == ["adapter", "checkpoints", "config.yaml", "data.json",
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "config.yaml", "data.json",
                                                      "metrics.jsonl", "summary.json"]
+
+
+def test_two_processes_write_once_and_match_gradient_accumulation(setting):
+    tmp, sets = setting
+    two = _loralab(["train", "--nproc", "2", *sets, "--set", "name=ddp", "--skip-checks"], tmp)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trainable params") == 1  # the summary once, from rank 0
+    _assert_same_training(tmp / "runs" / "ddp", tmp / "runs" / "ga")
+
+
+def test_fsdp_saves_a_whole_peft_adapter_equal_to_the_single_process_one(setting, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tmp, sets = setting
+    fsdp = _loralab(["train", "--nproc", "2", *sets, "--set", "name=fsdp", "--set", "train.fsdp=full_shard",
+                     "--skip-checks"], tmp)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    _assert_same_training(tmp / "runs" / "fsdp", tmp / "runs" / "ga")  # gathered, not shards
+    ids = torch.tensor([[5, 17, 33, 2, 9]])
+    logits = []
+    for name in ("fsdp", "ga"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                          tmp / "runs" / name / "adapter").eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
 
 
 def test_nproc_larger_than_the_machine_is_refused_before_anything_starts(tmp_path):

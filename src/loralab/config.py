@@ -219,6 +219,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool | None = None  # default: on for a quantized base (QLoRA), off otherwise
     resume: bool = False
+    fsdp: Literal["off", "full_shard", "shard_grad_op", "hybrid_shard"] = "off"  # FSDP2 through accelerate (several
+    # processes: torchrun / --nproc), decoder layers wrapped; "off": DDP when there are several processes
+    deepspeed: str | None = None  # a DeepSpeed config JSON (ZeRO-2/3), passed to the Trainer; needs `pip install deepspeed`
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
                    "adafactor", "sgd"] = "adamw_torch"  # the Trainer's optimizer names (8-bit / paged: bitsandbytes)
     logging_steps: int = Field(5, gt=0)
@@ -230,6 +233,10 @@ class TrainConfig(_Section):
     supervised_logits_only: bool = True  # causal LM: vocabulary projection only where labels are supervised
     eval_generate: bool = False  # generation metrics on the eval split after each epoch
     eval_generate_limit: int = Field(32, gt=0)
+    metric_for_best_model: Literal["eval_loss", "exact_match", "chrf", "rouge_l", "bleu"] = "eval_loss"  # picks the
+    # checkpoint kept as the adapter (and what early stopping watches); a generation metric needs train.eval_generate
+    early_stopping_patience: int | None = Field(None, gt=0)  # stop after N evaluations in a row without a better
+    # train.metric_for_best_model (None: off); needs an eval split
 
 
 class RunConfig(_Section):
@@ -265,6 +272,15 @@ class RunConfig(_Section):
         if save and every and save % every:
             raise ValueError(f"train.save_steps ({save}) must be a multiple of train.eval_steps ({every}): "
                              "the best checkpoint is chosen by the eval loss measured when it is saved")
+        return self
+
+    @model_validator(mode="after")
+    def _best_model_metric_is_measured(self) -> "RunConfig":
+        metric = self.train.metric_for_best_model
+        if metric != "eval_loss" and not self.train.eval_generate:
+            raise ValueError(f"train.metric_for_best_model={metric} is a generation metric, measured only with "
+                             "train.eval_generate: true (greedy answers to up to train.eval_generate_limit eval examples "
+                             "at each evaluation); set train.eval_generate=true, or use eval_loss")
         return self
 
     def run_name(self) -> str:

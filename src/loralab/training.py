@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 from loralab.config import RunConfig
 from loralab.data import PreparedData, make_collator, prepare_data
 from loralab.errors import LoralabError
+from loralab.metrics import HIGHER_IS_BETTER
 from loralab.models import (
     TargetReport,
     apply_lora,
@@ -158,6 +159,22 @@ def check_optimizer(optim: str) -> str:
     return optim
 
 
+def sharding_arguments(train: Any) -> dict[str, Any]:
+    """The Trainer's FSDP2 / DeepSpeed arguments for ``train.fsdp`` / ``train.deepspeed`` (none when both are off)."""
+    if train.fsdp != "off" and train.deepspeed:
+        raise LoralabError("train.fsdp and train.deepspeed are both set; choose one sharding engine")
+    if train.deepspeed:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LoralabError(f"train.deepspeed={train.deepspeed} needs DeepSpeed: pip install deepspeed")
+        if not Path(train.deepspeed).is_file():
+            raise LoralabError(f"train.deepspeed: config file not found: {train.deepspeed}")
+        return {"deepspeed": train.deepspeed}
+    if train.fsdp == "off":
+        return {}
+    # the decoder layers are wrapped (transformers reads them from the model's _no_split_modules)
+    return {"fsdp": [train.fsdp, "auto_wrap"], "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}
+
+
 def build_collator(config: RunConfig, task_type: str, tokenizer: Any, model: Any) -> Any:
     """Packing for causal LMs when enabled (architectures known to honour packed position ids), else dynamic padding."""
     if task_type == "CAUSAL_LM" and config.train.packing and supports_packing(model):
@@ -222,8 +239,8 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
         eval_on_start=has_eval and not resuming,  # the base model's eval loss, for comparison (logged once)
         logging_nan_inf_filter=False,  # a NaN loss must be seen (the guards stop the run on it), not averaged away
         load_best_model_at_end=has_eval,
-        metric_for_best_model="eval_loss" if has_eval else None,
-        greater_is_better=False if has_eval else None,
+        metric_for_best_model=train.metric_for_best_model if has_eval else None,  # eval_loss or a generation metric
+        greater_is_better=HIGHER_IS_BETTER[train.metric_for_best_model] if has_eval else None,
         save_total_limit=train.save_total_limit,
         seed=train.seed,
         data_seed=train.seed,
@@ -237,6 +254,7 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         optim=check_optimizer(train.optim),
+        **sharding_arguments(train),
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step: no extra graph traversal
         **interval,
     )
@@ -294,6 +312,15 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
     elif uses_supervised_logits(session):
         cls = SupervisedLogitsTrainer
     guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, cls), {})
+    stopping: list[Any] = []
+    if session.config.train.early_stopping_patience:
+        if not has_eval:
+            raise LoralabError("train.early_stopping_patience needs an eval split to watch (data.eval_split > 0 or "
+                               "data.eval_path); set it to null or give eval data")
+        from transformers import EarlyStoppingCallback
+
+        # last, so that it sees the generation metrics of train.eval_generate (added to the eval metrics before it)
+        stopping.append(EarlyStoppingCallback(early_stopping_patience=session.config.train.early_stopping_patience))
     return guarded(
         model=session.model,
         args=args,
@@ -301,19 +328,21 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
         eval_dataset=session.data.eval if has_eval else None,
         data_collator=session.collator,
         processing_class=session.tokenizer,
-        callbacks=[MetricsFileCallback(paths.metrics), DivergenceGuard(), ShareableCheckpoints(), *(callbacks or [])],
+        callbacks=[MetricsFileCallback(paths.metrics), DivergenceGuard(), ShareableCheckpoints(), *(callbacks or []),
+                   *stopping],
     )
 
 
 # ---------------------------------------------------------------- a whole run
 
 
-def save_adapter(model: Any, tokenizer: Any, target: Path, label_ids: dict[str, int] | None = None) -> None:
+def save_adapter(model: Any, tokenizer: Any, target: Path, label_ids: dict[str, int] | None = None,
+                 state_dict: dict[str, Any] | None = None) -> None:
     """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors, + labels.json for a
     classifier) into a staging folder, then move it into place atomically."""
     staging = staging_dir(target)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(staging)
         if label_ids:
             from loralab.classification import save_labels
@@ -401,7 +430,8 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
     if config.train.eval_generate:  # generation metrics (exact match, ROUGE-L, chrF, BLEU) at each evaluation
         from loralab.evaluation import generation_callback
 
-        callbacks.append(generation_callback(session, paths.metrics))
+        # first, so that the callbacks given to train() (e.g. tune's pruning) see the generation metrics too
+        callbacks.insert(0, generation_callback(session, paths.metrics))
     interrupt = GracefulInterrupt()
     trainer = build_trainer(session, paths, progress=progress, callbacks=[interrupt, *callbacks],
                             resuming=resume_from is not None)
@@ -428,10 +458,16 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         what = f"the weight {bad} is non-finite" if bad else f"the training loss is {output.training_loss}"
         raise TrainingDiverged(f"training diverged: {what}; lower train.learning_rate. No adapter was written",
                                trainer.state.global_step)
+    # sharded weights (FSDP / ZeRO-3) are gathered by every process; then one writes them
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if config.train.fsdp != "off" or config.train.deepspeed \
+        else None
     if main:  # SEQ_CLS: the class names (in id order) go with the adapter as adapter/labels.json
-        save_adapter(session.model, session.tokenizer, paths.adapter, label_ids=session.data.label_ids)
+        save_adapter(session.model, session.tokenizer, paths.adapter, label_ids=session.data.label_ids,
+                     state_dict=state_dict)
     history = trainer.state.log_history
     best = trainer.state.best_model_checkpoint
+    metric = config.train.metric_for_best_model
+    best_step = checkpoint_step(Path(best)) if best else None
     epochs_done = trainer.state.epoch or 0.0
     labels = list(sorted(session.data.label_ids, key=session.data.label_ids.get)) if session.data.label_ids else None
     summary = {
@@ -457,7 +493,11 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         "base_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h and h.get("step") == 0), None),
         "first_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h and h.get("step")), None),
         "final_eval_loss": _last(history, "eval_loss"),
-        "best_eval_loss": trainer.state.best_metric,
+        "best_eval_loss": trainer.state.best_metric if metric == "eval_loss" else next(
+            (h["eval_loss"] for h in history if "eval_loss" in h and h.get("step") == best_step), None),
+        "metric_for_best_model": metric,
+        "best_metric": trainer.state.best_metric,
+        "stopped_early": trainer.state.global_step < trainer.state.max_steps,  # early stopping (or a tune trial pruned)
         "best_checkpoint": str(Path(best).relative_to(paths.root)) if best else None,
         "supervised_tokens_per_epoch": session.data.supervised_tokens(),
         "resumed_from": str(Path(resume_from).relative_to(paths.root)) if resume_from else None,
