@@ -14,6 +14,7 @@ Recipes:
   usual    Trainer + peft, every example padded to max_length 256, fp32, batch size 5 (the copied notebook).
   plain    Trainer + peft done well: dynamic padding, length-grouped batches, bf16 autocast, loralab's batch size.
   loralab  loralab's default training path (loralab.training.setup + build_trainer) and default batch size.
+  qlora    the loralab path on a 4-bit NF4 base (model.load_in_4bit; opt in: --recipes loralab,qlora).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def hf_trainer(model, tokenizer, dataset, collator, out: str, batch_size: int, b
 # ---------------------------------------------------------------- recipes (each runs in a child process)
 
 
-BATCH = {"usual": 5, "plain": None, "loralab": None}  # None: --batch-size (default: loralab's own default)
+BATCH = {"usual": 5, "plain": None, "loralab": None, "qlora": None}  # None: --batch-size (default: loralab's own default)
 
 
 def recipe_hf(records, out: str, padded: bool, batch: int) -> tuple[object, CountingCollator, int]:
@@ -160,8 +161,9 @@ def run_child(name: str, n: int, batch: int | None, extra: list[str]) -> dict:
     records = examples(n)
     batch = BATCH[name] or batch or TrainConfig().batch_size
     with tempfile.TemporaryDirectory() as out:
-        if name == "loralab":
-            trainer, collator, batch = recipe_loralab(records, out, batch, extra)
+        if name in ("loralab", "qlora"):  # qlora: loralab's path on a 4-bit NF4 base (model.load_in_4bit)
+            quantized = ["model.load_in_4bit=true"] if name == "qlora" else []
+            trainer, collator, batch = recipe_loralab(records, out, batch, [*quantized, *extra])
         else:
             trainer, collator, batch = recipe_hf(records, out, padded=name == "usual", batch=batch)
         started = time.perf_counter()
@@ -254,6 +256,10 @@ def main() -> None:
     if "usual" in by_name and "loralab" in by_name:
         speedup = by_name["loralab"]["supervised_tokens_per_s"] / by_name["usual"]["supervised_tokens_per_s"]
         print(f"speedup_supervised_tokens_per_s: {speedup:.2f}")
+    if "qlora" in by_name and "loralab" in by_name:
+        q, lora = by_name["qlora"], by_name["loralab"]
+        print(f"qlora_vs_lora: tok/s {q['tokens_per_s'] / lora['tokens_per_s']:.2f}x, "
+              f"peak memory {q['peak_rss_mib'] / lora['peak_rss_mib']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -194,12 +194,14 @@ def test_qwen_golden_mask_supervises_im_end_while_eos_and_pad_are_endoftext(qwen
     item = assert_golden(tok, "<|im_end|>", "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
                                             "assistant.<|im_end|>\n<|im_start|>user\nGive the opposite of hot.<|im_end|>\n"
                                             "<|im_start|>assistant\n" + ANSWER + "[<|im_end|>]")
-    # a multi-turn conversation: earlier turns (and their end tokens) are prompt, only the last answer is supervised
+    # a multi-turn conversation with data.train_on last_turn: earlier turns (and their end tokens) are prompt
     chat = Example(prompt="And of big?", response="small", row=4, messages=[
         {"role": "user", "content": HOT.prompt}, {"role": "assistant", "content": HOT.response},
         {"role": "user", "content": "And of big?"}])
-    item = tokenize_causal(tok, chat, DataConfig())
+    item = tokenize_causal(tok, chat, DataConfig(train_on="last_turn"))
     assert tok.decode(supervised(item)) == "small<|im_end|>" and item.input_ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 5
+    every = tokenize_causal(tok, chat, DataConfig())  # the default, all_turns: the same tokens, both answers supervised
+    assert every.input_ids == item.input_ids and tok.decode(supervised(every)) == HOT.response + "<|im_end|>small<|im_end|>"
 
 
 def test_without_the_template_targets_end_with_eos(gemma, qwen):
@@ -257,16 +259,24 @@ def test_long_plain_prompt_keeps_bos_instruction_header_and_response_suffix(gemm
     assert gemma.decode(supervised(item)) == LONG.response + "<eos>"
 
 
-def test_multi_turn_prompt_is_cut_between_the_first_and_last_user_text(qwen):
+def test_multi_turn_prompt_drops_the_oldest_exchange_whole_keeping_the_system_prompt(qwen):
     chat = Example(prompt="Now the opposite of big?", response="small", row=5, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Give the opposite of hot. " * 6},
         {"role": "assistant", "content": "The opposite of hot is cold. " * 6}, {"role": "user", "content": "Now the opposite of big?"}])
-    item = tokenize_causal(qwen, chat, DataConfig(max_length=56))
-    assert item.truncated and len(item.input_ids) == 56
+    for train_on in ("all_turns", "last_turn"):
+        item = tokenize_causal(qwen, chat, DataConfig(max_length=56, train_on=train_on))
+        assert item.truncated and not item.response_truncated and len(item.input_ids) <= 56
+        prompt = qwen.decode(item.input_ids[: item.prompt_length])
+        assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nNow the opposite of big?<|im_end|>\n"
+                          "<|im_start|>assistant\n"), prompt
+        assert qwen.decode(supervised(item)) == "small<|im_end|>"
+    # when the last exchange alone is too long, the middle of its user text goes (BOS, system, header and end stay)
+    long_last = Example(prompt=LONG.prompt, response="small", row=6, messages=[*chat.messages[:3], {"role": "user", "content": LONG.prompt}])
+    item = tokenize_causal(qwen, long_last, DataConfig(max_length=56))
     prompt = qwen.decode(item.input_ids[: item.prompt_length])
+    assert item.truncated and len(item.input_ids) == 56 and "cold" not in prompt
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nGive")
-    assert prompt.endswith("<|im_start|>user\nNow the opposite of big?<|im_end|>\n<|im_start|>assistant\n"), prompt
-    assert qwen.decode(supervised(item)) == "small<|im_end|>"
+    assert prompt.endswith("of big?<|im_end|>\n<|im_start|>assistant\n"), prompt
 
 
 def test_response_truncation_counts(gemma):

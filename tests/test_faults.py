@@ -303,7 +303,8 @@ def test_eval_refuses_a_data_file_changed_since_training(tiny_llama_dir, tmp_pat
     assert not (run_dir / "eval.json").exists()
     result = runner.invoke(app, ["eval", str(run_dir), "--data", str(data), "--max-new-tokens", "2", "--limit", "2"])
     assert result.exit_code == 0, result.output  # a file named explicitly is still fine
-    with pytest.raises(LoralabError, match="changed since training"):  # resuming on other data is refused too
+    shutil.rmtree(run_dir / "adapter")  # as if interrupted: resuming on other data is refused too
+    with pytest.raises(LoralabError, match="changed since training.*Resuming on other data"):
         train(build_config(overrides=overrides), resume=True, progress=False)
 
 
@@ -356,3 +357,103 @@ def test_a_run_folder_cannot_switch_remote_code_on(tiny_llama_dir, data_file, tm
     assert not (tmp_path / "merged").exists()
     result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code"])
     assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------- found by trying to break the above
+
+
+def test_resume_rules_a_user_runs_into(killed_run, reference_run, tmp_path, monkeypatch):
+    run_dir = _copy(killed_run[0], tmp_path)
+    result = runner.invoke(app, ["train", "--resume", str(run_dir), "--overwrite"])
+    assert result.exit_code == 1 and "give one of them" in result.output
+    # --set of a value the run already has changes nothing: accepted
+    result = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", "lora.r=8", "--skip-checks"])
+    assert result.exit_code == 0, result.output
+    _assert_same_run(run_dir, reference_run)
+    before = (run_dir / "summary.json").read_bytes()
+    result = runner.invoke(app, ["train", "--resume", str(run_dir)])  # a finished run is not trained again
+    assert result.exit_code == 1 and "already finished" in result.output
+    assert (run_dir / "summary.json").read_bytes() == before
+    monkeypatch.chdir(run_dir)  # `--resume .` from inside the folder
+    result = runner.invoke(app, ["train", "--resume", "."])
+    assert result.exit_code == 1 and "already finished" in result.output
+
+
+def test_killed_after_the_last_checkpoint_of_max_steps_trains_no_extra_step(tiny_llama_dir, data_file, tmp_path,
+                                                                          monkeypatch):
+    overrides = _overrides(tiny_llama_dir, data_file, tmp_path, "ms", **{"train.max_steps": 3, "train.save_steps": 3})
+    train(build_config(overrides=overrides), progress=False)
+    run_dir = tmp_path / "ms"
+    finished = _adapter(run_dir)
+    shutil.rmtree(run_dir / "adapter")
+    (run_dir / "summary.json").unlink()  # = killed after its last checkpoint
+    monkeypatch.chdir(tmp_path)  # the path spelled differently from the first run's
+    result = runner.invoke(app, ["train", "--resume", "ms", "--skip-checks"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["best_checkpoint"] == "checkpoints/checkpoint-3"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-3"]
+    assert all(torch.equal(finished[k], t) for k, t in _adapter(run_dir).items())
+
+
+def test_overwrite_and_plain_runs_leave_a_users_dotfiles_and_backups_alone(tiny_llama_dir, data_file, tmp_path):
+    base = _overrides(tiny_llama_dir, data_file, tmp_path, "run", **{"train.max_steps": 1})
+    assert runner.invoke(app, ["train", "--skip-checks", *_sets(base)]).exit_code == 0
+    (tmp_path / "run" / ".notes.md").write_text("mine")
+    result = runner.invoke(app, ["train", "--overwrite", "--skip-checks", *_sets(base)])
+    assert result.exit_code == 1 and ".notes.md" in result.output
+    assert (tmp_path / "run" / ".notes.md").read_text() == "mine"
+    # a run set aside by a killed --overwrite is not deleted by an unrelated plain run in its place
+    shutil.move(tmp_path / "run", tmp_path / ".fresh.replaced")
+    assert runner.invoke(app, ["train", "--skip-checks", *_sets(base + ["name=fresh"])]).exit_code == 0
+    assert (tmp_path / ".fresh.replaced" / ".notes.md").is_file()
+
+
+def test_export_overwrite_keeps_files_added_to_an_export_and_follows_links(tiny_llama_dir, data_file, tmp_path):
+    from loralab.export import export_merged
+
+    train(build_config(overrides=_overrides(tiny_llama_dir, data_file, tmp_path, "run", **{"train.max_steps": 1})),
+          progress=False)
+    out = export_merged(tmp_path / "run", tmp_path / "exported")
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    export_merged(tmp_path / "run", link, overwrite=True)  # replaces what the link points to
+    assert link.is_symlink() and (out / "loralab_export.json").is_file()
+    (out / "weights.bin").write_bytes(b"precious")
+    with pytest.raises(LoralabError, match=r"files loralab did not export \(weights.bin\)"):
+        export_merged(tmp_path / "run", out, overwrite=True)
+    assert (out / "weights.bin").read_bytes() == b"precious"
+
+
+def test_eval_of_a_run_with_an_eval_file_needs_only_that_file(tiny_llama_dir, tmp_path):
+    records = opposite_records()
+    train_file, eval_file = tmp_path / "train.json", tmp_path / "eval.json"
+    train_file.write_text(json.dumps(records[:20]))
+    eval_file.write_text(json.dumps(records[20:]))
+    overrides = tiny_overrides(tiny_llama_dir, train_file, tmp_path, name="run",
+                               **{"data.eval_path": str(eval_file), "train.max_steps": 1})
+    train(build_config(overrides=overrides), progress=False)
+    train_file.rename(tmp_path / "moved.json")
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+
+
+def test_remote_code_runs_nowhere_before_the_refusal(tiny_llama_dir, data_file, tmp_path):
+    train(build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, name="run",
+                                                **{"train.max_steps": 1})), progress=False)
+    evil = tmp_path / "evil-model"
+    shutil.copytree(tiny_llama_dir, evil)
+    marker = tmp_path / "PWNED"
+    (evil / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import LlamaConfig\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'llama'\n")
+    config_json = json.loads((evil / "config.json").read_text())
+    (evil / "config.json").write_text(json.dumps({**config_json, "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    run_config = tmp_path / "run" / "config.yaml"
+    run_config.write_text(run_config.read_text().replace(str(tiny_llama_dir), str(evil))
+                          .replace("trust_remote_code: false", "trust_remote_code: true"))
+    for command in (["export", str(tmp_path / "run"), "--output", str(tmp_path / "x")],
+                    ["eval", str(tmp_path / "run"), "--limit", "1"], ["train", "--resume", str(tmp_path / "run")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and "pass --trust-remote-code" in result.output, command
+        assert not marker.exists(), command

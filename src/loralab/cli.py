@@ -15,12 +15,13 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from loralab.config import RunConfig, build_config, check_remote_code, read_yaml, remote_code_allowed
 from loralab.errors import LoralabError
 
-app = typer.Typer(help="LoRA / QLoRA fine-tuning workbench: config, check, train, eval, compare, sweep, export.",
+app = typer.Typer(help="LoRA / QLoRA fine-tuning workbench: config, check, train, eval, compare, sweep, tune, export.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 config_app = typer.Typer(help="Show and validate configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -76,7 +77,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             if os.environ.get("RANK", "0") != "0":  # the same input error on every process: rank 0 says it
                 raise typer.Exit(1) from None
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
@@ -84,7 +85,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if STATE["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}\n(run with --debug for the traceback)",
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}\n(run with --debug for the traceback)",
                               highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -137,7 +138,7 @@ def main_callback(debug: bool = typer.Option(False, "--debug", help="Show full t
 def config_show(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, model: Optional[str] = ModelOpt,
                 sets: Optional[list[str]] = SetOpt) -> None:
     """Print the fully resolved config as YAML."""
-    resolved = resolve_config(config, data, model, sets)
+    resolved = resolve_config(config, data, model, sets, trust_remote_code=True)  # shown, never loaded
     typer.echo(resolved.to_yaml(), nl=False)
 
 
@@ -195,13 +196,13 @@ def resolve_run_config(config: Optional[Path], data: Optional[str], model: Optio
                        output: Optional[Path], resume: bool, trust_remote_code: bool) -> RunConfig:
     """The config to train: resuming a run with nothing else given reloads the run's own config.yaml; otherwise the
     given config (which must match the run's when resuming; the run folder checks that)."""
-    from loralab.runs import RunPaths, load_run_config
-
-    saved = RunPaths(output).config if output is not None else None
-    if resume and saved is not None and saved.is_file() and config is None and not (data or model or sets):
-        return require_trust(load_run_config(output), trust_remote_code, f"the run's {saved}")
-    if resume and output is not None and not output.exists():
-        raise LoralabError(f"nothing to resume: {output} does not exist")
+    saved = output / "config.yaml" if output is not None else None
+    if resume and output is not None and not (saved and saved.is_file()):
+        what = "does not exist" if not output.exists() else "holds no loralab run (no config.yaml)"
+        raise LoralabError(f"nothing to resume: {output} {what}")
+    if resume and saved is not None and config is None:
+        # the run's own config, with what the command line gives on top (it must not change anything)
+        return resolve_config(saved, data, model, sets, trust_remote_code=trust_remote_code)
     return resolve_config(config, data, model, sets, trust_remote_code=trust_remote_code)
 
 
@@ -499,6 +500,85 @@ def print_sweep(result: Any, retry_failed: bool = False) -> None:
     if result.best:
         console.print(f"best run by {spec.metric}: {result.best}", highlight=False)
     console.print(f"wrote {', '.join(p.name for p in result.files.values())} in {result.sweep_dir}", highlight=False)
+
+
+# ---------------------------------------------------------------- tune
+
+
+@app.command()
+@handle_errors
+def tune(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, model: Optional[str] = ModelOpt,
+         sets: Optional[list[str]] = SetOpt,
+         output: Path = typer.Option(..., "--output", help="The tune folder: trials/, best.yaml, report.md/.html, the "
+                                     "Optuna journal. Running tune again on it continues the study."),
+         budget: Optional[str] = typer.Option(None, "--budget", help="Wall-clock budget of this run: 20m, 1h30m, 90s "
+                                              "(a trial that cannot finish inside what is left is not started)."),
+         trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Run at most N more trials."),
+         metric: Optional[str] = typer.Option(None, "--metric", help="What trials are judged by: eval_loss (default), "
+                                              "exact_match, chrf, rouge_l, bleu (greedy answers on the eval split)."),
+         space: Optional[list[str]] = typer.Option(None, "--space", help="Search key (repeatable): key=v1,v2,... or "
+                                                   "key=lo..hi[:log]; derived keys lora.alpha_ratio, lora.coverage."),
+         lr_only: bool = typer.Option(False, "--lr-only", help="Only the learning-rate range test: plot and suggestion."),
+         train_best: bool = typer.Option(False, "--train-best", help="Then train best.yaml into <output>/best."),
+         storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage: a database URL or a journal "
+                                               "file (default: <output>/optuna.journal)."),
+         pruner: Optional[str] = typer.Option(None, "--pruner", help="hyperband (default), halving, median or none."),
+         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sampler (default 0)."),
+         eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="A generation metric: eval examples "
+                                                  "answered at each evaluation (default train.eval_generate_limit)."),
+         lr_steps: Optional[int] = typer.Option(None, "--lr-steps", help="Steps of the range test (default 50)."),
+         keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep every trial's checkpoints "
+                                               "(default: removed after the trial; its adapter stays)."),
+         skip_checks: bool = typer.Option(False, "--skip-checks", help="Do not run the preflight checks."),
+         trust_remote_code: bool = TrustOpt) -> None:
+    """Find r, alpha, learning rate, dropout, coverage and length for your data: range test, then a budgeted search."""
+    from loralab.tune import load_tune, parse_duration, progress_line, run_tune
+
+    base = None
+    if config is not None or data or model or sets:
+        base = resolve_config(config, data, model, sets, trust_remote_code=trust_remote_code)
+    spec = load_tune(output, base, metric=metric, space_args=space or [], seed=seed, pruner=pruner,
+                     eval_limit=eval_limit, lr_steps=lr_steps, storage=storage)
+    seconds = parse_duration(budget) if budget is not None else None
+    result = run_tune(spec, budget_s=seconds, trials=trials, lr_only=lr_only, train_best=train_best, progress=True,
+                      on_progress=lambda p: console.print(progress_line(p), highlight=False, markup=False),
+                      preflight=None if skip_checks else _preflight(), keep_checkpoints=keep_checkpoints)
+    print_tune(result)
+
+
+def print_tune(result: Any) -> None:
+    """The range test's suggestion, then every trial, the best one and the files written."""
+    from loralab.tune.report import label
+
+    test = result.range_test
+    if test is not None:
+        console.print(f"range test ({test.stopped}): {test.suggestion.describe()}; plot: "
+                      f"{result.output / 'lr_find.png'}", highlight=False, markup=False)
+    if not result.trials:
+        if result.stopped:
+            console.print(f"stopped: {result.stopped}", highlight=False, markup=False)
+        return
+    keys = list(result.space.params) if result.space else []
+    table = Table("trial", title=f"tune {result.output}: {len(result.trials)} trials ({result.started} this run)")
+    for column in ("state", *(label(k) for k in keys), result.spec.metric, "steps", "time"):
+        table.add_column(column, overflow="fold")
+    best = result.best.number if result.best else None
+    for record in result.trials:
+        values = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (record.values.get(k, "-") for k in keys)]
+        state = record.state + (f" at {record.pruned_step}" if record.pruned_step is not None else "")
+        table.add_row(f"{record.number}{' (best)' if record.number == best else ''}", state, *values,
+                      _fmt(record.value), str(record.steps if record.steps is not None else "-"),
+                      f"{record.time_s:.1f} s" if record.time_s is not None else "-",
+                      style="bold green" if record.number == best else None)
+    console.print(table, markup=False)
+    console.print(f"stopped: {result.stopped}", highlight=False, markup=False)
+    if result.best is not None:
+        console.print(f"best: trial {result.best.number} ({result.spec.metric} {result.best.value:.4g}); train it with: "
+                      f"loralab train {result.output / 'best.yaml'}", highlight=False, markup=False)
+    if result.best_run is not None:
+        console.print(f"trained the best config: {result.best_run.get('run')}", highlight=False, markup=False)
+    console.print(f"wrote {', '.join(p.name for p in result.files.values())} in {result.output}", highlight=False,
+                  markup=False)
 
 
 # ---------------------------------------------------------------- check

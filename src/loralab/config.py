@@ -183,19 +183,32 @@ class DataConfig(_Section):
     """Where the examples come from and how they become token ids."""
 
     path: str | None = None  # None: the bundled demo dataset
-    format: Literal["auto", "pairs", "alpaca", "messages"] = "auto"
+    format: Literal["auto", "pairs", "alpaca", "messages", "sharegpt", "text"] = "auto"  # auto: from the rows' fields
     prompt_field: str = "instruction"
     response_field: str = "response"
     input_field: str = "input"  # alpaca: optional context appended to the instruction
-    messages_field: str = "messages"
+    messages_field: str = "messages"  # OpenAI style: [{role, content}], roles user / assistant / system / tool
+    conversations_field: str = "conversations"  # ShareGPT: [{from, value}], from human / gpt / system / observation
+    text_field: str = "text"  # raw text (continued pre-training): every token supervised, EOS appended
     label_field: str = "label"  # SEQ_CLS
     eval_path: str | None = None  # a separate eval file instead of splitting
     eval_split: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 42
     max_length: int = Field(512, gt=8)
     train_on_prompt: bool = False
+    train_on: Literal["all_turns", "last_turn"] = "all_turns"  # conversations: supervise every assistant turn (as
+    # LLaMA-Factory, axolotl, TRL's assistant_only_loss) or only the last; system, user and tool turns never
     chat_template: bool = True  # use the tokenizer's chat template when it has one
+    template: Literal["auto", "chatml", "llama3", "gemma", "alpaca", "plain"] = "auto"  # auto: the tokenizer's own chat
+    # template, else plain (### Instruction / ### Response); a named one is set as the tokenizer's chat template
     system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _one_template(self) -> "DataConfig":
+        if not self.chat_template and self.template not in ("auto", "plain"):
+            raise ValueError(f"data.chat_template is false but data.template is {self.template!r}; "
+                             "to format without a chat template set data.template: plain")
+        return self
 
 
 class TrainConfig(_Section):

@@ -1,12 +1,14 @@
-"""Datasets: read files, validate rows, split, format prompts, tokenize with -100 label masks, collate.
+"""Datasets: read files, validate rows, split, tokenize with -100 label masks (every assistant turn of a conversation
+supervised, or only the last: ``data.train_on``), collate.
 
+Row formats live in ``loralab.formats``, prompt templates in ``loralab.templates``; their names are importable from here.
 Every error names the file and the row (1-based; a line number for JSONL and CSV files).
 """
 
 from __future__ import annotations
 
+import logging
 import random
-import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,109 +18,21 @@ import torch
 
 from loralab.config import DataConfig
 from loralab.errors import DataError
+from loralab.formats import (FORMATS, ROLES, Example, _is_missing, _row_error, _text_field, detect_format,  # noqa: F401
+                             empty_answer_error, parse_rows)
 from loralab.readers import read_rows
+from loralab.turns import conversation_turns, has_history
+from loralab.templates import (_MARK, PLAIN_PROMPT_TEMPLATE, TEMPLATES, _special_ids, apply_template,  # noqa: F401
+                               chat_end_ids, encode_prompt, format_prompt, prompt_messages, target_end_id, target_end_ids,
+                               uses_chat_template)
 
 IGNORE_INDEX = -100
-PLAIN_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+log = logging.getLogger(__name__)
 
 
 def demo_dataset_path() -> Path:
     """The bundled demo dataset (instruction/response pairs written for loralab)."""
     return Path(str(resources.files("loralab") / "resources" / "demo_dataset.json"))
-
-
-@dataclass
-class Example:
-    """One validated row: the conversation before the answer, the answer, and where it came from."""
-
-    prompt: str  # the last user turn (what a person would call the question)
-    response: str  # the reference answer (or the label, for classification)
-    row: int
-    messages: list[dict[str, str]] = field(default_factory=list)  # chat context before the answer
-
-
-# ---------------------------------------------------------------- validating rows
-
-
-def detect_format(rows: list[tuple[int, Any]], cfg: DataConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    first = rows[0][1] if rows and isinstance(rows[0][1], dict) else {}
-    if cfg.messages_field in first:
-        return "messages"
-    if "output" in first and cfg.prompt_field in first and cfg.response_field not in first:
-        return "alpaca"
-    return "pairs"
-
-
-def _row_error(path: str, row: int, message: str) -> DataError:
-    return DataError(f"data file {path}, row {row}: {message}")
-
-
-def _is_missing(value: Any) -> bool:
-    """None (JSON null, Parquet null, a missing CSV cell) or NaN (pandas' empty cell)."""
-    return value is None or (isinstance(value, float) and value != value)
-
-
-def _text_field(record: dict, name: str, path: str, row: int, expected: list[str]) -> str:
-    if name not in record:
-        found = ", ".join(repr(k) for k in record) or "none"
-        raise _row_error(path, row, f"missing field {name!r}; expected fields {expected}, found {found} "
-                         "(set data.prompt_field / data.response_field to use other names)")
-    value = record[name]
-    if _is_missing(value):
-        raise _row_error(path, row, f"field {name!r} is empty (null, NaN or a missing CSV cell)")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise _row_error(path, row, f"field {name!r} should be text, got {type(value).__name__}")
-    return value
-
-
-def parse_rows(rows: list[tuple[int, Any]], cfg: DataConfig, path: str, task_type: str) -> list[Example]:
-    """Validate raw rows into Examples according to the data format."""
-    fmt = detect_format(rows, cfg)
-    examples = []
-    for row, record in rows:
-        if not isinstance(record, dict):
-            raise _row_error(path, row, f"expected an object with fields, got {type(record).__name__}")
-        if task_type == "SEQ_CLS":
-            text = _text_field(record, cfg.prompt_field, path, row, [cfg.prompt_field, cfg.label_field])
-            if cfg.label_field not in record:
-                raise _row_error(path, row, f"missing label field {cfg.label_field!r}; found {list(record)} (set data.label_field)")
-            if _is_missing(record[cfg.label_field]):
-                raise _row_error(path, row, f"label field {cfg.label_field!r} is empty (null, NaN or a missing CSV cell)")
-            examples.append(Example(prompt=text, response=str(record[cfg.label_field]), row=row))
-        elif fmt == "messages":
-            examples.append(_parse_messages(record, cfg, path, row))
-        elif fmt == "alpaca":
-            fields = [cfg.prompt_field, cfg.input_field, "output"]
-            instruction = _text_field(record, cfg.prompt_field, path, row, fields)
-            context = record.get(cfg.input_field) or ""
-            context = "" if _is_missing(context) else context  # NaN: pandas' empty cell
-            prompt = f"{instruction}\n\n{context}" if str(context).strip() else instruction
-            examples.append(Example(prompt=prompt, response=_text_field(record, "output", path, row, fields), row=row))
-        else:
-            fields = [cfg.prompt_field, cfg.response_field]
-            prompt = _text_field(record, cfg.prompt_field, path, row, fields)
-            examples.append(Example(prompt=prompt, response=_text_field(record, cfg.response_field, path, row, fields), row=row))
-    return examples
-
-
-def _parse_messages(record: dict, cfg: DataConfig, path: str, row: int) -> Example:
-    messages = record.get(cfg.messages_field)
-    if not isinstance(messages, list) or not messages:
-        raise _row_error(path, row, f"field {cfg.messages_field!r} should be a non-empty list of {{role, content}} messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or _is_missing(message.get("role")) or _is_missing(message.get("content")):
-            raise _row_error(path, row, f"message {i + 1} should have 'role' and 'content', got {message!r}")
-    if messages[-1]["role"] != "assistant":
-        raise _row_error(path, row, f"the last message should be the assistant's answer, got role {messages[-1]['role']!r}")
-    context = [{"role": m["role"], "content": str(m["content"])} for m in messages[:-1]]
-    users = [m["content"] for m in context if m["role"] == "user"]
-    if not users:
-        raise _row_error(path, row, "no user message before the assistant's answer")
-    return Example(prompt=users[-1], response=str(messages[-1]["content"]), row=row, messages=context)
 
 
 def load_examples(cfg: DataConfig, task_type: str, path: str | None = None) -> list[Example]:
@@ -127,7 +41,13 @@ def load_examples(cfg: DataConfig, task_type: str, path: str | None = None) -> l
     rows = read_rows(source)
     if not rows:
         raise DataError(f"data file {source}: no examples found (the dataset is empty)")
-    return parse_rows(rows, cfg, source, task_type)
+    examples = parse_rows(rows, cfg, source, task_type)
+    fmt = detect_format(rows, cfg, source) if task_type != "SEQ_CLS" else "pairs"
+    for example in examples:  # a conversation's answer to train on must have text (prompt files may leave it empty)
+        error = empty_answer_error(example, cfg, source, fmt)
+        if error:
+            raise error
+    return examples
 
 
 def split_examples(examples: list[Example], eval_split: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -143,115 +63,6 @@ def split_examples(examples: list[Example], eval_split: float, seed: int) -> tup
 
 
 # ---------------------------------------------------------------- prompts and tokens
-
-
-def uses_chat_template(tokenizer: Any, cfg: DataConfig) -> bool:
-    return bool(cfg.chat_template and getattr(tokenizer, "chat_template", None))
-
-
-def prompt_messages(example: Example, cfg: DataConfig) -> list[dict[str, str]]:
-    messages = list(example.messages) or [{"role": "user", "content": example.prompt}]
-    if cfg.system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-    return messages
-
-
-def format_prompt(tokenizer: Any, example: Example, cfg: DataConfig, task_type: str = "CAUSAL_LM") -> str:
-    """The exact text placed before the answer, in training and in generation."""
-    if task_type != "CAUSAL_LM":
-        return example.prompt
-    if uses_chat_template(tokenizer, cfg):
-        return tokenizer.apply_chat_template(prompt_messages(example, cfg), tokenize=False, add_generation_prompt=True)
-    if example.messages:
-        turns = "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt_messages(example, cfg))
-        return PLAIN_PROMPT_TEMPLATE.format(prompt=turns)
-    system = f"{cfg.system_prompt}\n\n" if cfg.system_prompt else ""
-    return system + PLAIN_PROMPT_TEMPLATE.format(prompt=example.prompt)
-
-
-def encode_prompt(tokenizer: Any, prompt_text: str, cfg: DataConfig) -> list[int]:
-    """Token ids of a formatted prompt: the chat template carries its own special tokens, plain text gets BOS."""
-    if uses_chat_template(tokenizer, cfg):
-        return tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]  # tokenizers that append EOS to every text
-    return ids
-
-
-# Marks the place of a message's content when a template is rendered to find where things are (private-use
-# characters: never in real text, untouched by the ``trim`` filters templates apply to contents).
-_MARK = "\ue000loralab{}\ue001"
-_chat_end_cache: "weakref.WeakKeyDictionary[Any, dict[Any, list[int]]]" = weakref.WeakKeyDictionary()
-
-
-def _special_ids(tokenizer: Any) -> set[int]:
-    """Ids of the tokenizer's special tokens: bos/eos/pad/... and every added token flagged special (``<|eot_id|>``)."""
-    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
-    for token_id, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(token, "special", False):
-            ids.add(token_id)
-    ids.discard(getattr(tokenizer, "unk_token_id", None))
-    return ids
-
-
-def _read_chat_end(tokenizer: Any) -> list[int]:
-    answer = _MARK.format("answer")
-    user = {"role": "user", "content": "Hi"}
-    for messages in ([user, {"role": "assistant", "content": answer}],
-                     [{"role": "system", "content": "Be brief."}, user, {"role": "assistant", "content": answer}]):
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        except Exception:  # noqa: BLE001 - templates raise anything (raise_exception, missing variables)
-            continue
-        if isinstance(text, str) and answer in text:
-            break
-    else:
-        return []
-    after = text[text.rindex(answer) + len(answer) :]
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    special = _special_ids(tokenizer)
-    end = next((i for i, token_id in enumerate(ids) if token_id in special), None)
-    return [] if end is None else list(ids[: end + 1])
-
-
-def chat_end_ids(tokenizer: Any) -> list[int]:
-    """The tokens the tokenizer's chat template writes right after an assistant message, up to and including the first
-    special token: ChatML ``<|im_end|>``, Gemma ``<end_of_turn>``, Llama 3 ``<|eot_id|>`` (``[]`` when there is no
-    template or no special token ends the turn).
-
-    Read off by rendering a user message and an assistant message with a marker as its content. What the template
-    writes after that special token (the newline after ``<end_of_turn>`` / ``<|im_end|>``, or a closing EOS) is left
-    out: generation stops at the special token, so the model never has to produce what follows it.
-    """
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return []
-    key = (repr(template), getattr(tokenizer, "eos_token_id", None))
-    try:
-        cache = _chat_end_cache.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable
-        cache = {}
-    if key not in cache:
-        cache[key] = _read_chat_end(tokenizer)
-    return list(cache[key])
-
-
-def target_end_ids(tokenizer: Any, cfg: DataConfig) -> list[int]:
-    """What every causal target ends with, supervised: the chat template's end of an assistant turn when the data is
-    formatted with the template (``<end_of_turn>`` for Gemma, ``<|im_end|>`` for Qwen2.5 whose EOS is ``<|endoftext|>``),
-    otherwise EOS."""
-    if uses_chat_template(tokenizer, cfg):
-        ids = chat_end_ids(tokenizer)
-        if ids:
-            return ids
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-
-def target_end_id(tokenizer: Any, cfg: DataConfig) -> int | None:
-    """The token a complete causal target ends with (the last of ``target_end_ids``), or None."""
-    ids = target_end_ids(tokenizer, cfg)
-    return ids[-1] if ids else None
 
 
 def _marked(example: Example) -> tuple[Example, str, str]:
@@ -327,28 +138,65 @@ def _cut_middle(ids: list[int], keep: int, start: int, end: int) -> list[int]:
 
 def fit_prompt(tokenizer: Any, example: Example, cfg: DataConfig, prompt_ids: list[int], keep: int,
                prompt_text: str | None = None) -> list[int]:
-    """The prompt cut to ``keep`` tokens: the special prefix (BOS, system turn, user-turn header) and the prompt's end
-    (the last part of the user text and the generation prompt / ``### Response:`` header) stay, the middle of the
-    user text goes, half of what is kept of it from its start and half from its end. When the user text cannot be
-    located, the first and the last ``keep // 2`` tokens (about) are kept."""
+    """The prompt cut to ``keep`` tokens. A conversation drops its oldest exchanges (user turn and what follows it) whole,
+    keeping the leading system prompt, until it fits; when even its last exchange is too long, or for one turn: the
+    special prefix (BOS, system turn, user-turn header) and the prompt's end (the last part of the user text and the
+    generation prompt / ``### Response:`` header) stay, the middle of the user text goes, half of what is kept of it
+    from its start and half from its end. When the user text cannot be located, the first and the last ``keep // 2``
+    tokens (about) are kept."""
     if keep >= len(prompt_ids):
         return list(prompt_ids)
     text = format_prompt(tokenizer, example, cfg) if prompt_text is None else prompt_text
+    later = later_starts(example)
+    if later:  # a conversation first loses its oldest exchanges, whole (the leading system prompt stays)
+        def length(candidate: Example) -> int:
+            return len(encode_prompt(tokenizer, format_prompt(tokenizer, candidate, cfg), cfg))
+
+        example = later[_first_fitting(later, length, keep)]
+        text = format_prompt(tokenizer, example, cfg)
+        prompt_ids = encode_prompt(tokenizer, text, cfg)
+        if keep >= len(prompt_ids):
+            return list(prompt_ids)
     span = _user_text_span(tokenizer, example, cfg, text, prompt_ids)
     if span is None:
         return _cut_middle(prompt_ids, keep, keep // 2, len(prompt_ids) - (keep - keep // 2))
     return _cut_middle(prompt_ids, keep, *span)
 
 
+def later_starts(example: Example) -> list[Example]:
+    """The conversation without its oldest exchanges: one Example per later user turn it could start from (fewest
+    dropped first), the leading system messages kept; ``[]`` for a single exchange."""
+    messages = example.messages
+    lead = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    starts = [i for i, m in enumerate(messages) if m["role"] == "user" and i > lead]
+    return [Example(prompt=example.prompt, response=example.response, row=example.row,
+                    messages=messages[:lead] + messages[i:]) for i in starts]
+
+
+def _first_fitting(candidates: list[Any], length: Any, limit: int) -> int:
+    """Index of the first candidate whose ``length`` is within ``limit`` (lengths fall along the list; binary search),
+    else the last one."""
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if length(candidates[middle]) <= limit:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
-    prompt_length: int
-    response_length: int  # before truncation, the end token (EOS / end of turn) included
+    prompt_length: int  # tokens before the last answer
+    response_length: int  # the last answer's, before truncation, the end token (EOS / end of turn) included
     truncated: bool
     response_truncated: bool
     decoder_length: int = 0
+    turns: list[tuple[int, int]] = field(default_factory=list)  # causal LM: [start, end) of each supervised answer
+    last_turn_only: str = ""  # why only the last answer of a conversation with earlier ones is supervised
 
 
 def _budget(prompt_len: int, response_len: int, max_length: int) -> tuple[int, int]:
@@ -362,10 +210,79 @@ def _budget(prompt_len: int, response_len: int, max_length: int) -> tuple[int, i
 def tokenize_causal(tokenizer: Any, example: Example, cfg: DataConfig) -> TokenizedExample:
     """Prompt + response + end token; prompt positions are -100 unless train_on_prompt; the end token stays supervised.
 
+    A conversation with earlier answers supervises each of them too (``data.train_on: all_turns``, with a chat
+    template; ``loralab.turns`` locates them token by token), the input ids being the same as with ``last_turn``.
     The end token is the chat template's end of an assistant turn when the data uses the template, else EOS
-    (``target_end_ids``). A long prompt loses the middle of its user text (``fit_prompt``), never BOS, the system
-    turn or the generation prompt.
+    (``target_end_ids``). Too long: a conversation drops its oldest exchanges whole (the leading system prompt
+    stays); a prompt still too long loses the middle of its user text (``fit_prompt``), never BOS, the system turn or
+    the generation prompt. Raw text (``data.format: text``): every token supervised, EOS appended.
     """
+    if example.raw_text:
+        return tokenize_text(tokenizer, example, cfg)
+    why = ""
+    if has_history(example):
+        if cfg.train_on == "last_turn":
+            why = "data.train_on is last_turn"
+        elif not uses_chat_template(tokenizer, cfg):
+            why = "without a chat template earlier answers are part of the ### Instruction: prompt (set data.template)"
+        else:
+            item, why = _tokenize_turns(tokenizer, example, cfg)
+            if item is not None:
+                return item
+    item = _tokenize_last_turn(tokenizer, example, cfg)
+    item.last_turn_only = why
+    return item
+
+
+def _turns_item(ids: list[int], spans: list[tuple[int, int]], cfg: DataConfig, truncated: bool) -> TokenizedExample:
+    labels = list(ids) if cfg.train_on_prompt else [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        labels[start:end] = ids[start:end]
+    return TokenizedExample(input_ids=ids, labels=labels, prompt_length=spans[-1][0],
+                            response_length=spans[-1][1] - spans[-1][0], truncated=truncated,
+                            response_truncated=False, turns=list(spans))
+
+
+def _tokenize_turns(tokenizer: Any, example: Example, cfg: DataConfig) -> tuple[TokenizedExample | None, str]:
+    """Every answer supervised; too long, the oldest exchanges go whole. (None, why) when the turns cannot be located;
+    (None, "") when even the last exchange is too long (the caller cuts it as one turn)."""
+    found = conversation_turns(tokenizer, example, cfg)
+    if found is None:
+        return None, "the chat template's rendering could not be split into turns token by token"
+    if len(found[0]) <= cfg.max_length:
+        return _turns_item(*found, cfg, truncated=False), ""
+    later = later_starts(example)
+    if not later:
+        return None, ""
+    tokenized: dict[int, Any] = {}
+
+    def length(candidate: Example) -> int:
+        key = id(candidate)
+        if key not in tokenized:
+            tokenized[key] = conversation_turns(tokenizer, candidate, cfg)
+        return len(tokenized[key][0]) if tokenized[key] else 10**9
+
+    best = later[_first_fitting(later, length, cfg.max_length)]
+    if length(best) > cfg.max_length:
+        return None, ""
+    return _turns_item(*tokenized[id(best)], cfg, truncated=True), ""
+
+
+def tokenize_text(tokenizer: Any, example: Example, cfg: DataConfig) -> TokenizedExample:
+    """A document for continued pre-training: its tokens (BOS where the tokenizer adds one) and EOS, all supervised;
+    a long one keeps its first ``max_length`` tokens."""
+    ids = list(tokenizer(example.response, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    kept = ids[: cfg.max_length]
+    return TokenizedExample(input_ids=kept, labels=list(kept), prompt_length=0, response_length=len(ids),
+                            truncated=len(kept) < len(ids), response_truncated=len(kept) < len(ids),
+                            turns=[(0, len(kept))])
+
+
+def _tokenize_last_turn(tokenizer: Any, example: Example, cfg: DataConfig) -> TokenizedExample:
+    """The last answer supervised, everything before it prompt (-100 unless train_on_prompt)."""
     prompt_text = format_prompt(tokenizer, example, cfg)
     prompt_ids = encode_prompt(tokenizer, prompt_text, cfg)
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + target_end_ids(tokenizer, cfg)
@@ -380,6 +297,7 @@ def tokenize_causal(tokenizer: Any, example: Example, cfg: DataConfig) -> Tokeni
         response_length=len(response_ids),
         truncated=keep_prompt < len(prompt_ids) or keep_response < len(response_ids),
         response_truncated=keep_response < len(response_ids),
+        turns=[(len(prompt_part), len(prompt_part) + len(response_part))],
     )
 
 
@@ -492,8 +410,29 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, task_type: str) -> PreparedDat
     def features(part: list[Example]) -> FeatureDataset:
         return FeatureDataset([tokenize(tokenizer, e, cfg, task_type, label_ids) for e in part], task_type)
 
-    return PreparedData(train_examples, eval_examples, features(train_examples),
-                        features(eval_examples) if eval_examples else None, label_ids)
+    prepared = PreparedData(train_examples, eval_examples, features(train_examples),
+                            features(eval_examples) if eval_examples else None, label_ids)
+    _warn_last_turn_only(prepared, cfg)
+    return prepared
+
+
+def _warn_last_turn_only(prepared: PreparedData, cfg: DataConfig) -> None:
+    """One warning per reason when data.train_on is all_turns but conversations had only their last answer supervised."""
+    if cfg.train_on != "all_turns":
+        return
+    rows: dict[str, list[int]] = {}
+    parts = [(prepared.train_examples, prepared.train.tokenized)]
+    if prepared.eval is not None:
+        parts.append((prepared.eval_examples, prepared.eval.tokenized))
+    for examples, tokenized in parts:
+        for example, item in zip(examples, tokenized):
+            if item.last_turn_only:
+                rows.setdefault(item.last_turn_only, []).append(example.row)
+    for why, found in rows.items():
+        found = sorted(found)
+        shown = ", ".join(map(str, found[:5])) + (f", ... (+{len(found) - 5} more)" if len(found) > 5 else "")
+        log.warning("data.train_on all_turns: only the last answer is supervised in %d conversations (rows %s): %s",
+                    len(found), shown, why)
 
 
 def make_collator(tokenizer: Any, task_type: str, model: Any = None) -> Any:

@@ -99,7 +99,7 @@ def eval_examples(config: RunConfig, task_type: str, run_dir: str | Path) -> lis
     if not cfg.eval_path and cfg.eval_split == 0:
         raise LoralabError(f"run {run_dir} has no eval split (data.eval_split=0 and no data.eval_path); pass --data FILE")
     record = RunPaths(Path(run_dir)).data_fingerprint
-    verify_data(record, cfg, f"rebuild the eval split of run {run_dir}")
+    verify_data(record, cfg, f"rebuild the eval split of run {run_dir}", for_eval=True)
     if cfg.eval_path:
         return load_examples(cfg, task_type, cfg.eval_path)
     held_out = load_splits(cfg, task_type)[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,14 @@ def check_export_target(output: Path, overwrite: bool) -> None:
     if not (output / MARKER).is_file():
         raise LoralabError(f"export folder {output} holds files that are not a loralab export (no {MARKER}); "
                            "nothing was changed. --overwrite only replaces an earlier export: choose another --output")
+    try:
+        written = set(json.loads((output / MARKER).read_text(encoding="utf-8")).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        written = set()
+    added = sorted(p.name for p in output.iterdir() if p.name not in written | {MARKER})
+    if added:
+        raise LoralabError(f"export folder {output} holds files loralab did not export ({', '.join(added[:5])}); "
+                           "nothing was changed. Move them away or choose another --output")
 
 
 def write_export(model: Any, tokenizer: Any, output: Path, *, run_dir: str | Path, checkpoint: str, dtype: str) -> Path:
@@ -40,7 +49,8 @@ def write_export(model: Any, tokenizer: Any, output: Path, *, run_dir: str | Pat
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / MARKER, {"run": str(run_dir), "checkpoint": checkpoint, "dtype": dtype,
-                                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                             "files": sorted(p.name for p in staging.iterdir())})
         replace_dir_atomic(staging, output)
     finally:
         if staging.exists():

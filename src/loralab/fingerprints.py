@@ -57,11 +57,11 @@ def data_record(cfg: DataConfig, train: Sequence[Example], eval_part: Sequence[E
     }
 
 
-def changed_files(record: dict[str, Any], cfg: DataConfig) -> list[str]:
-    """The data files that differ from the fingerprint (named with what changed); empty when all match."""
+def changed_files(record: dict[str, Any], cfg: DataConfig, roles: Sequence[str] = ("train", "eval")) -> list[str]:
+    """The data files (of these roles) that differ from the fingerprint, named with what changed; empty when all match."""
     changes = []
     for role, path in data_sources(cfg).items():
-        saved = record.get("files", {}).get(role)
+        saved = record.get("files", {}).get(role) if role in roles else None
         if saved is None:
             continue
         if not Path(path).exists():
@@ -73,16 +73,22 @@ def changed_files(record: dict[str, Any], cfg: DataConfig) -> list[str]:
     return changes
 
 
-def verify_data(record_path: Path, cfg: DataConfig, doing: str) -> None:
-    """Refuse to ``doing`` (e.g. "rebuild the eval split") when the run's data files changed since training."""
+def verify_data(record_path: Path, cfg: DataConfig, doing: str, for_eval: bool = False) -> None:
+    """Refuse to ``doing`` when the run's data files changed since training. ``for_eval``: only what the eval split
+    is built from matters (``data.eval_path`` when set, else the data file it was split from)."""
     if not record_path.is_file():
         return  # a run made before loralab kept fingerprints
     record = json.loads(record_path.read_text(encoding="utf-8"))
-    changes = changed_files(record, cfg)
-    if changes:
-        raise LoralabError(f"cannot {doing}: {'; '.join(changes)}. The run's split can no longer be rebuilt "
-                           "faithfully (training rows could land in the eval split); restore the file, or name the "
-                           "file to use explicitly (loralab eval RUN --data FILE)")
+    roles = (("eval",) if cfg.eval_path else ("train",)) if for_eval else ("train", "eval")
+    changes = changed_files(record, cfg, roles)
+    if not changes:
+        return
+    if for_eval:
+        raise LoralabError(f"cannot {doing}: {'; '.join(changes)}. The eval split training held out can no longer "
+                           "be rebuilt faithfully (training rows could land in it); restore the file, or name the "
+                           "file to evaluate on (loralab eval RUN --data FILE)")
+    raise LoralabError(f"cannot {doing}: {'; '.join(changes)}. Resuming on other data would mix two trainings; "
+                       "restore the file, or start a new run (--overwrite, or another --output)")
 
 
 def verify_split(record_path: Path, eval_part: Sequence[Example]) -> None:

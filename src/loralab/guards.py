@@ -50,7 +50,7 @@ def likely_causes(args: Any) -> str:
 def diverged(what: str, step: int, args: Any) -> TrainingDiverged:
     return TrainingDiverged(f"training diverged at step {step}: {what}. Likely causes: {likely_causes(args)}. "
                             "No adapter was written for this run; checkpoints saved before this step are kept. "
-                            "Fix the config and start again with --overwrite", step)
+                            "Fix the config and train again (--overwrite; in a sweep, --retry-failed)", step)
 
 
 def non_finite_parameter(model: Any) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from loralab.checkpoints import complete_checkpoints, list_checkpoints
 from loralab.config import RunConfig, build_config, read_yaml
+from loralab.config import check_remote_code as refuse_remote_code
 from loralab.errors import LoralabError
 
 
@@ -110,6 +111,8 @@ def staging_dir(target: Path) -> Path:
 def replace_dir_atomic(staging: Path, target: Path) -> None:
     """Move a fully written folder into place, replacing an older one (kept until the new one is there)."""
     make_shareable(staging)
+    if target.is_symlink():
+        target = target.resolve()  # replace what the link points to, keep the link
     backup = target.with_name(f".{target.name}.old")
     if backup.exists():
         shutil.rmtree(backup)
@@ -140,9 +143,16 @@ def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
     return sorted(k for k in left.keys() | right.keys() if left.get(k) != right.get(k))
 
 
+def is_loralab_temporary(name: str) -> bool:
+    """loralab's own hidden files in a run folder: atomic-write temporaries (``.summary.json.x1y2``), staging and
+    backup folders (``.adapter-x1y2``, ``.adapter.old``). A user's dotfiles (``.git``, ``.notes``) are not."""
+    return name.startswith(".") and any(name[1:].startswith(entry) and name[1 + len(entry):][:1] in (".", "-")
+                                        for entry in RUN_ENTRIES)
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """Names in a folder that loralab does not write into a run folder."""
-    return sorted(p.name for p in folder.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+    return sorted(p.name for p in folder.iterdir() if p.name not in RUN_ENTRIES and not is_loralab_temporary(p.name))
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -158,8 +168,23 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def _never_started(paths: RunPaths) -> bool:
-    return paths.config.is_file() and {p.name for p in paths.root.iterdir() if not p.name.startswith(".")} \
+    return paths.config.is_file() and {p.name for p in paths.root.iterdir() if not is_loralab_temporary(p.name)} \
         <= {"config.yaml", "checkpoints", "data.json", "metrics.jsonl"} and not list_checkpoints(paths.root)
+
+
+def run_is_finished(root: Path) -> bool:
+    """A run whose training ended: its adapter is written and summary.json says finished."""
+    paths = RunPaths(root)
+    if not (paths.adapter / "adapter_config.json").is_file() or not paths.summary.is_file():
+        return False
+    try:
+        return json.loads(paths.summary.read_text(encoding="utf-8")).get("status", "finished") == "finished"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _listing(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 class RunFolder:
@@ -168,9 +193,13 @@ class RunFolder:
     ``plan`` checks everything and changes nothing. ``open`` (called after data, model and preflight checks) sets
     an overwritten run aside as ``.<name>.replaced``, creates the folder and writes config.yaml. ``finished``
     deletes what was set aside; ``failed`` restores it when the new run left nothing to resume from.
+    A symlinked run folder is followed: the run lives where the link points.
     """
 
     def __init__(self, config: RunConfig, root: Path, *, overwrite: bool, resume: bool):
+        root = Path(os.path.abspath(root))
+        if root.is_symlink():
+            root = root.resolve()
         self.config, self.paths = config, RunPaths(root)
         self.overwrite, self.resume = overwrite, resume
         self.backup = root.with_name(f".{root.name}.replaced")
@@ -184,14 +213,19 @@ class RunFolder:
 
     def _check(self) -> None:
         root = self.paths.root
+        if self.overwrite and self.resume:
+            raise LoralabError("--resume continues a run and --overwrite replaces it; give one of them")
+        for parent in root.parents:
+            if parent.exists() and not parent.is_dir():
+                raise LoralabError(f"cannot create the run folder {root}: {parent} is a file")
         if root.exists() and not root.is_dir():
             raise LoralabError(f"output {root} is a file, not a folder; choose another --output")
-        if not root.exists() or not any(p for p in root.iterdir() if not p.name.startswith(".")):
+        if not root.exists() or not any(p for p in root.iterdir() if not is_loralab_temporary(p.name)):
             return
         foreign = foreign_entries(root)
         if not self.paths.config.is_file() or foreign:
-            what = f"files loralab did not write ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})" \
-                if self.paths.config.is_file() else "no loralab run (no config.yaml)"
+            what = f"files loralab did not write ({_listing(foreign, 5)})" if self.paths.config.is_file() \
+                else "no loralab run (no config.yaml)"
             raise LoralabError(f"output folder {root} holds {what}; nothing was changed. Choose another --output "
                                "(or --set name=...), or move those files away: --overwrite only replaces a loralab run")
         if _never_started(self.paths):
@@ -200,15 +234,19 @@ class RunFolder:
         if self.overwrite:
             self.mode = "replace"
             return
+        kept = f" (the run it replaced is kept in {self.backup})" if self.backup.exists() else ""
         if not self.resume:
-            raise LoralabError(f"output folder {root} already holds a run; pass --resume to continue it, "
+            raise LoralabError(f"output folder {root} already holds a run{kept}; pass --resume to continue it, "
                                "--overwrite to replace it, or choose another --output / --set name=...")
-        saved = load_run_config(root)
+        saved = load_run_config(root, check_remote_code=False)  # compared only, nothing loaded
         differing = config_differences(saved, self.config)
         if differing:
             raise LoralabError(f"output folder {root} holds a different run (its config.yaml differs in "
-                               f"{', '.join(differing[:8])}); resume with `loralab train --resume {root}` "
+                               f"{_listing(differing)}); resume with `loralab train --resume {root}` "
                                "(its own config), use another --output, or pass --overwrite")
+        if run_is_finished(root):
+            raise LoralabError(f"run {root} has already finished (its adapter and summary.json are written); nothing "
+                               "to resume. Evaluate it with `loralab eval`, or train it again with --overwrite")
         self.mode = "resume"
 
     def open(self) -> RunPaths:
@@ -225,7 +263,8 @@ class RunFolder:
         return self.paths
 
     def finished(self) -> None:
-        if self.backup.exists():
+        """The new run is complete: the run it replaced (now or in an interrupted attempt) goes."""
+        if self.mode in ("replace", "resume") and self.backup.is_dir() and not self.backup.is_symlink():
             shutil.rmtree(self.backup)
 
     def failed(self) -> str | None:
@@ -244,12 +283,16 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, *, overwrite: bool, resume
     return RunFolder.plan(config, run_dir, overwrite=overwrite, resume=resume).open()
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config saved with a run."""
+def load_run_config(run_dir: str | Path, check_remote_code: bool = True) -> RunConfig:
+    """The resolved config saved with a run. A config that sets ``model.trust_remote_code`` is refused unless the
+    caller allowed remote code (``--trust-remote-code`` / ``remote_code_allowed()``): before anything loads it."""
     paths = RunPaths(Path(run_dir))
     if not paths.config.is_file():
         raise LoralabError(f"{run_dir} is not a loralab run folder (no config.yaml)")
-    return build_config(read_yaml(paths.config), source=str(paths.config))
+    config = build_config(read_yaml(paths.config), source=str(paths.config))
+    if check_remote_code:
+        refuse_remote_code(config, f"run {run_dir}: its config.yaml")
+    return config
 
 
 def resolve_adapter(run_dir: str | Path, checkpoint: str = "best") -> Path:
@@ -306,7 +349,9 @@ def trim_metrics(run_dir: str | Path, last_step: int) -> int:
     kept = []
     for line in lines:
         try:
-            if json.loads(line).get("step", 0) <= last_step:
+            record = json.loads(line)
+            # an interrupted attempt's closing line (train_runtime, train_loss) is not a step of the run
+            if record.get("step", 0) <= last_step and "train_runtime" not in record:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line torn by the interruption

@@ -354,6 +354,35 @@ def save_adapter(model: Any, tokenizer: Any, target: Path, label_ids: dict[str, 
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def finish_from_checkpoint(trainer: Any, model: Any, checkpoint: Path) -> Any:
+    """A run killed after its last checkpoint (``max_steps`` reached): nothing is left to train. The Trainer would
+    run one more step from there, so its state is read back and the best checkpoint's adapter loaded instead."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint
+    chosen = checkpoint.parent / Path(best).name if best else checkpoint
+    if not (chosen / "adapter_model.safetensors").is_file():
+        chosen = checkpoint
+    set_peft_model_state_dict(model, load_file(chosen / "adapter_model.safetensors"))
+    return TrainOutput(trainer.state.global_step, logged_mean_loss(trainer.state.log_history) or float("nan"), {})
+
+
+def logged_mean_loss(history: list[dict]) -> float | None:
+    """The mean training loss over the logged steps (each logged loss weighted by the steps it averages)."""
+    total = steps = 0.0
+    previous = 0
+    for entry in history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else None
+
+
 def _last(history: list[dict], key: str) -> float | None:
     values = [h[key] for h in history if key in h]
     return values[-1] if values else None
@@ -438,7 +467,10 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
     started = time.perf_counter()
     resume_hint = f"continue with: loralab train --resume {paths.root}"
     try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        if start is not None and config.train.max_steps and checkpoint_step(start) >= config.train.max_steps:
+            output = finish_from_checkpoint(trainer, session.model, start)  # killed after its last checkpoint
+        else:
+            output = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"training interrupted before its next checkpoint; {resume_hint}") from None
     except TrainingDiverged as exc:
@@ -450,7 +482,7 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         interrupt.restore()
     elapsed = time.perf_counter() - started
     session.model.eval()  # Trainer leaves the model in train mode (dropout on)
-    if interrupt.requested:
+    if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:  # else: it had finished anyway
         raise TrainingInterrupted(f"training stopped at step {trainer.state.global_step} after saving a checkpoint; "
                                   f"{resume_hint}")
     bad = non_finite_parameter(session.model)
@@ -488,7 +520,8 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         "epochs": round(epochs_done, 4),
         "steps": trainer.state.global_step,
         "train_time_s": round(elapsed, 2),
-        "train_loss": output.training_loss,
+        # after a resume the Trainer averages only the resumed steps: the whole run's mean comes from the log
+        "train_loss": logged_mean_loss(history) if resume_from else output.training_loss,
         "final_train_loss": _last(history, "loss"),
         "base_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h and h.get("step") == 0), None),
         "first_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h and h.get("step")), None),
@@ -498,9 +531,9 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         "metric_for_best_model": metric,
         "best_metric": trainer.state.best_metric,
         "stopped_early": trainer.state.global_step < trainer.state.max_steps,  # early stopping (or a tune trial pruned)
-        "best_checkpoint": str(Path(best).relative_to(paths.root)) if best else None,
+        "best_checkpoint": f"checkpoints/{Path(best).name}" if best else None,  # however the path was spelled
         "supervised_tokens_per_epoch": session.data.supervised_tokens(),
-        "resumed_from": str(Path(resume_from).relative_to(paths.root)) if resume_from else None,
+        "resumed_from": f"checkpoints/{Path(resume_from).name}" if resume_from else None,
         **({"labels": labels} if labels else {}),
     }
     if main:

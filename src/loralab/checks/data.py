@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from loralab.checks.report import CheckResult, Status, verdict
-from loralab.data import (IGNORE_INDEX, Example, TokenizedExample, format_prompt, target_end_id, tokenize,
+from loralab.data import (IGNORE_INDEX, Example, TokenizedExample, chat_end_ids, format_prompt, target_end_id, tokenize,
                           uses_chat_template)
 
 LR_RANGE = (1e-5, 1e-3)
@@ -228,6 +228,9 @@ def _tokenized_label_problems(session: Any) -> tuple[list[tuple[Status, str]], d
     """Label masks of every tokenized example, compared token by token with its input ids."""
     task, (eos, eos_name) = session.task_type, _end_token(session)
     train_on_prompt = session.config.data.train_on_prompt
+    # earlier answers of a conversation end with the template's end-of-turn token too (a template without one: nothing)
+    turn_end = eos if task == "CAUSAL_LM" and uses_chat_template(session.tokenizer, session.config.data) \
+        and chat_end_ids(session.tokenizer) else None
     found: dict[str, list[str]] = defaultdict(list)
     for split, examples, tokenized in splits(session):
         for example, t in zip(examples, tokenized):
@@ -243,16 +246,25 @@ def _tokenized_label_problems(session: Any) -> tuple[list[tuple[Status, str]], d
                 if len(labels) != len(ids):
                     found["misaligned"].append(here)
                     continue
-                prompt, response = labels[: t.prompt_length], labels[t.prompt_length :]
-                if not train_on_prompt and supervised(prompt):
+                turns = t.turns or [(t.prompt_length, len(labels))]  # each supervised answer: [start, end)
+                answer = [False] * len(labels)
+                for start, end in turns:
+                    answer[start:end] = [True] * (end - start)
+                if not train_on_prompt and any(l != IGNORE_INDEX and not a for l, a in zip(labels, answer)):
                     found["prompt_supervised"].append(here)
                 if any(l != IGNORE_INDEX and l != i for l, i in zip(labels, ids)):
                     found["misaligned"].append(here)
-                if any(l == IGNORE_INDEX for l in response[:-1]):
+                if any(l == IGNORE_INDEX for start, end in turns for l in labels[start : end - 1]) or \
+                        any(labels[end - 1] == IGNORE_INDEX for _, end in turns[:-1]):
                     found["response_masked"].append(here)
+                if turn_end is not None and any(labels[end - 1] != turn_end for _, end in turns[:-1]):
+                    found["eos"].append(here)
+                if t.last_turn_only and session.config.data.train_on == "all_turns":
+                    found["last_turn_only"].append(here)
             elif any(l == IGNORE_INDEX for l in labels):
                 found["response_masked"].append(here)
-            if eos is not None and not t.response_truncated and (not labels or labels[-1] != eos):
+            end_id = session.tokenizer.eos_token_id if example.raw_text else eos  # raw text ends with EOS
+            if end_id is not None and not t.response_truncated and (not labels or labels[-1] != end_id):
                 found["eos"].append(here)
     messages = {
         "no_supervised": ("fail", "no supervised token in {n} examples (rows {rows}): they teach nothing"),
@@ -262,6 +274,9 @@ def _tokenized_label_problems(session: Any) -> tuple[list[tuple[Status, str]], d
         "response_masked": ("fail", "response tokens masked (-100) in {n} examples (rows {rows})"),
         "eos": ("fail", f"the target's {eos_name} is masked or missing in {{n}} examples (rows {{rows}}): "
                         "the model will not learn to stop"),
+        "last_turn_only": ("warn", "only the last answer is supervised in {n} conversations with earlier answers (rows "
+                                   "{rows}) although data.train_on is all_turns: the chat template's turns could not be "
+                                   "located token by token, or there is no chat template (set data.template)"),
     }
     problems = [(status, text.format(n=len(found[key]), rows=row_list(found[key])))
                 for key, (status, text) in messages.items() if found.get(key)]
@@ -341,7 +356,12 @@ def check_label_masking(session: Any) -> CheckResult:
         return verdict("label_masking", problems, ok, details)
     masked = "prompt masked (-100), " if session.task_type == "CAUSAL_LM" and not session.config.data.train_on_prompt else ""
     checked = f", padding -100 in {details['batches']['batches']} collated batches" if "batches" in details else ""
-    ok = f"{n} examples: {masked}response + {_end_token(session)[1]} supervised{checked}; {details['supervised_tokens_train']:,} supervised train tokens"
+    tokenized = [t for _, _, part in splits(session) for t in part]
+    several = sum(len(t.turns) > 1 for t in tokenized)
+    details["conversations_with_several_supervised_turns"] = several
+    turns = f" (every assistant turn: {several} conversations supervise {sum(len(t.turns) for t in tokenized if len(t.turns) > 1)} answers)" if several else ""
+    ok = (f"{n} examples: {masked}response + {_end_token(session)[1]} supervised{turns}{checked}; "
+          f"{details['supervised_tokens_train']:,} supervised train tokens")
     return verdict("label_masking", problems, ok, details)
 
 

@@ -56,6 +56,15 @@ def _split_packed(row_ids: torch.Tensor, row_labels: torch.Tensor, positions: to
     return [(row_ids[a:b].tolist(), row_labels[a:b].tolist()) for a, b in zip(starts, starts[1:])]
 
 
+def _turns(session: Any, index: int) -> str:
+    """`` in 3 assistant turns`` for a conversation with several supervised answers (each one shows as its own
+    ``[[...]]``), and why only the last one is when that is so."""
+    item = session.data.train.tokenized[index]
+    if item.last_turn_only and session.config.data.train_on == "all_turns":
+        return f" (last assistant turn only: {item.last_turn_only})"
+    return f" in {len(item.turns)} assistant turns" if len(item.turns) > 1 else ""
+
+
 def shown_examples(session: Any, n: int) -> list[Shown]:
     """The first ``n`` train examples through the real collator, split back into examples."""
     dataset, tokenizer, task = session.data.train, session.tokenizer, session.task_type
@@ -79,7 +88,8 @@ def shown_examples(session: Any, n: int) -> list[Shown]:
                         continue
                     title = f"packed row {r + 1}: {len(seq_ids)} unmatched tokens"
                 else:
-                    title = f"train row {rows[index]}: {len(seq_ids)} tokens, {sum(x != IGNORE_INDEX for x in seq_labels)} supervised"
+                    title = (f"train row {rows[index]}: {len(seq_ids)} tokens, {sum(x != IGNORE_INDEX for x in seq_labels)} "
+                             f"supervised{_turns(session, index)}")
                 shown.append(Shown(title, [("", _pieces(tokenizer, seq_ids, seq_labels, [False] * len(seq_ids)))]))
         return shown
     for j in range(ids.shape[0]):
@@ -87,7 +97,8 @@ def shown_examples(session: Any, n: int) -> list[Shown]:
         row_ids = ids[j].tolist()
         if task == "CAUSAL_LM":
             row_labels = labels[j].tolist()
-            title = f"train row {rows[j]}: {sum(real)} tokens, {sum(x != IGNORE_INDEX for x in row_labels)} supervised"
+            title = (f"train row {rows[j]}: {sum(real)} tokens, {sum(x != IGNORE_INDEX for x in row_labels)} "
+                     f"supervised{_turns(session, j)}")
             shown.append(Shown(title, [("", _pieces(tokenizer, row_ids, row_labels, [not r for r in real]))]))
             continue
         section = ("input: ", _pieces(tokenizer, row_ids, [IGNORE_INDEX] * len(row_ids), [not r for r in real]))
