@@ -61,3 +61,26 @@ def test_quantization_settings_that_cannot_work_are_refused(tiny_llama_dir, data
                                                        **{"train.optim": "paged_adamw_8bit"}))
         with pytest.raises(LoralabError, match="needs a CUDA GPU; on CPU use adamw_torch"):
             train(config, progress=False)
+
+
+def test_supervised_logits_loss_is_exact_on_a_4bit_base(tiny_llama_dir, data_file, tmp_path):
+    """The fast loss path (model forward, vocabulary projection at supervised positions only) on a quantized base."""
+    from loralab.data import make_collator
+    from loralab.speed import supervised_lm_loss, supervised_logits_exact
+
+    session = setup(build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, name="q",
+                                                          **{"model.load_in_4bit": True,
+                                                             "lora.init_lora_weights": "gaussian"})))
+    model = session.model.train()
+    assert supervised_logits_exact(model)
+    batch = make_collator(session.tokenizer, "CAUSAL_LM")([session.data.train[i] for i in range(4)])
+    reference = model(**batch).loss
+    reference.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    loss_sum, count = supervised_lm_loss(model, batch)
+    (loss_sum / count).backward()
+    assert torch.allclose(loss_sum / count, reference, rtol=1e-4)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, plain[name], rtol=1e-3, atol=1e-6), name

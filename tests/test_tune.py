@@ -94,6 +94,19 @@ def test_lr_suggestion_on_a_synthetic_curve():
         assert 1.5e-4 < other.steepest < 6e-4 and other.high < other.explosion
 
 
+# recorded: `loralab tune --lr-only --lr-steps 40` on SmolLM2-135M-Instruct and the demo data (2-core CPU)
+SMOLLM2_DEMO = [2.751, 2.483, 3.291, 3.657, 3.361, 4.099, 2.497, 3.698, 2.951, 3.884, 3.275, 3.068, 3.94, 4.003, 2.953,
+                3.343, 1.99, 3.807, 3.277, 3.355, 3.02, 2.905, 2.256, 2.53, 2.309, 1.636, 1.716, 2.218, 2.16, 2.278,
+                1.743, 2.111, 2.033, 2.288, 3.108, 6.201, 10.82, 16.673, 15.713, 79.724]
+
+
+def test_lr_suggestion_on_a_recorded_noisy_curve():
+    lrs = [1e-6 * (1e-1 / 1e-6) ** (i / 39) for i in range(40)]
+    suggestion = suggest_lr_range(lrs, SMOLLM2_DEMO)
+    assert 1e-4 < suggestion.steepest < 2e-3 and 5e-3 < suggestion.explosion < 3e-2
+    assert suggestion.low < 3e-4 < suggestion.high < suggestion.explosion / 2  # loralab's default rate is inside
+
+
 def test_lr_suggestion_cut_at_a_nan_and_on_a_flat_curve():
     losses = _curve(LRS, noise=0.0)[:45] + [float("nan")] * 15
     cut = suggest_lr_range(LRS, losses)
@@ -138,11 +151,14 @@ def test_budget_and_cost_model_with_a_fake_clock():
     cost = CostModel(setup_s=2, step_s=0.5, eval_s=1.5)
     assert cost.estimate(10, 3) == pytest.approx(2 + 5 + 4.5)  # the range test's measurements
     cost.observe(40.0, 10, 3)  # a trial took longer than measured: 40 s for 10 steps + 3 evaluations (= 19 units)
-    assert cost.estimate(10, 3) == pytest.approx(40.0)
-    assert cost.estimate(20, 3) == pytest.approx(2 + (40.0 - 2) / 19 * 29)  # loading, then scaled by work
+    assert cost.estimate(10, 3) == pytest.approx(1.1 * 40.0)  # what trials take counts, with a 10% margin
+    assert cost.estimate(20, 3) == pytest.approx(1.1 * (2 + (40.0 - 2) / 19 * 29))  # loading, then scaled by work
+    cost.observe(80.0, 10, 3)
+    cost.observe(41.0, 10, 3)
+    assert cost.estimate(10, 3) == pytest.approx(1.1 * 41.0)  # the median trial
     cheap = CostModel(setup_s=2, step_s=0.5, eval_s=1.5)
-    cheap.observe(1.0, 10, 3)  # faster than measured: the measured prior still counts (never optimistic)
-    assert cheap.estimate(10, 3) == pytest.approx(11.5)
+    cheap.observe(7.7, 10, 3)  # faster than the range test measured: the trials win
+    assert cheap.estimate(10, 3) == pytest.approx(1.1 * 7.7)
     assert "0.5 s per training step" in cost.describe()
 
 
@@ -174,7 +190,7 @@ def test_budget_stops_the_search_before_a_trial_that_cannot_finish(tiny_llama_di
     progress: list[TuneProgress] = []
     result = run_tune(spec, budget_s=250, clock=clock, on_progress=progress.append)
     assert result.started == 2 and [r.state for r in result.trials] == ["complete", "complete"]
-    assert result.stopped.startswith("budget: 50s left, the shortest trial (4 steps) needs ~1m 40s")
+    assert result.stopped.startswith("budget: 50s left, the shortest trial (4 steps) needs ~1m 50s")
     assert [p.remaining_s for p in progress] == [150, 50] and progress[-1].budget_s == 250
     assert sorted(p.name for p in (tmp_path / "t" / "trials").iterdir()) == ["0", "1"]
     report = (tmp_path / "t" / "report.md").read_text()
@@ -234,7 +250,7 @@ def test_three_trial_study_with_pruning(study):
     assert "| base model |" in report and "★ best" in report and "## Parameter importance" in report
     assert "| 1 | pruned |" in report and "search " in report and "(from the --space)" in report
     base = complete["base_eval_loss"]
-    assert f"| base model | - |" in report and f"{base:.4g}" in report  # the base model's eval loss at step 0
+    assert "| base model | - |" in report and f"{base:.4g}" in report  # the base model's eval loss at step 0
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<script" not in page and 'class="pruned"' in page
 
@@ -284,7 +300,8 @@ def test_an_interrupted_trial_is_queued_again(study, tmp_path):
     shutil.copytree(spec.output, out)
     moved = load_tune(out)
     summary = space_summary(moved, result.range_test, n_train=19)
-    opened, storage = open_study(moved, summary)
+    opened, storage, stored = open_study(moved, summary)
+    assert stored.to_dict() == result.space.to_dict()  # the space the study was created with
     trial = opened.ask()  # a trial a killed tune left behind: it never got an outcome
     trial.suggest_categorical("lora.r", [4, 8])
     opened.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -26,6 +26,7 @@ from loralab.generation import (
 from loralab.metrics import METRIC_NAMES, score_corpus, score_pair
 from loralab.models import resolve_task_type
 from loralab.fingerprints import verify_data, verify_split
+from loralab.formats import SHAREGPT_ROLES
 from loralab.readers import SUFFIXES
 from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
 
@@ -37,20 +38,21 @@ def has_reference(record: Any, cfg: DataConfig, fmt: str) -> bool:
     """Whether a raw row carries a reference answer for its format."""
     if not isinstance(record, dict):
         return True  # let parse_rows report the bad row
-    if fmt == "messages":
-        messages = record.get(cfg.messages_field)
-        return bool(isinstance(messages, list) and messages and isinstance(messages[-1], dict)
-                    and messages[-1].get("role") == "assistant")
+    if fmt in ("messages", "sharegpt"):
+        field, role = (cfg.conversations_field, "from") if fmt == "sharegpt" else (cfg.messages_field, "role")
+        turns = record.get(field)
+        return bool(isinstance(turns, list) and turns and isinstance(turns[-1], dict)
+                    and SHAREGPT_ROLES.get(turns[-1].get(role)) == "assistant")
     return ("output" if fmt == "alpaca" else cfg.response_field) in record
 
 
 def _without_reference(record: dict, cfg: DataConfig, fmt: str) -> dict:
     """The row with an empty reference, so that the prompt is parsed and validated exactly as in training."""
-    if fmt == "messages":
-        messages = record.get(cfg.messages_field)
-        if isinstance(messages, list):
-            return {**record, cfg.messages_field: [*messages, {"role": "assistant", "content": ""}]}
-        return record
+    if fmt in ("messages", "sharegpt"):
+        field = cfg.conversations_field if fmt == "sharegpt" else cfg.messages_field
+        turn = {"from": "gpt", "value": ""} if fmt == "sharegpt" else {"role": "assistant", "content": ""}
+        turns = record.get(field)
+        return {**record, field: [*turns, turn]} if isinstance(turns, list) else record
     return {**record, ("output" if fmt == "alpaca" else cfg.response_field): ""}
 
 

@@ -142,6 +142,8 @@ def check_hygiene(session: Any) -> CheckResult:
         for example in examples:
             if not example.response.strip():
                 empty_response.append(where(split, example))
+            if getattr(example, "raw_text", False):
+                continue  # raw text: the whole document is the "response", there is no prompt
             if not example.prompt.strip() or any(not str(m["content"]).strip() for m in example.messages):
                 empty_prompt.append(where(split, example))
     if empty_response:

@@ -121,6 +121,12 @@ def check_targets(session: Any) -> CheckResult:
     per_type_text = " ".join(f"{k}×{v}" for k, v in sorted(per_type.items()))
     ok = (f"{len(wrapped)} LoRA modules ({per_type_text}); {counts['trainable_params']:,} of {counts['total_params']:,} "
           f"parameters trainable ({counts['trainable_percent']:.2f}%)")
+    if session.config.model.quantized and hasattr(base, "get_memory_footprint"):
+        used = base.get_memory_footprint()
+        bf16 = 2 * counts["total_params"]  # the same base in bf16 (4-bit weights counted at their logical size)
+        details.update(base_memory_bytes=used, base_memory_bf16_bytes=bf16)
+        ok += (f"; quantized base weights {used / 2**20:.1f} MiB against {bf16 / 2**20:.1f} MiB in bf16 "
+               f"({used / bf16:.0%})")
     result = verdict("target_modules", problems, ok, details)
     if problems and wrapped:
         result.reason += f" | {ok}"

@@ -84,14 +84,15 @@ class CostModel:
     """Seconds a trial takes: setup (model load) + steps x seconds per step + evaluations x seconds per evaluation.
 
     The three rates come from the learning-rate range test (measured on the real model and data). Once trials have
-    run, their measured wall time beyond loading per unit of work (steps plus evaluations, an evaluation weighing
-    eval_s / step_s steps; the median over trials) is used as well, and the larger of the two estimates counts, so a
-    trial is not started on an optimistic guess.
+    run, what they took is what counts: their wall time beyond loading per unit of work (steps plus evaluations, an
+    evaluation weighing eval_s / step_s steps; the median over trials), times ``margin`` for the spread between
+    trials (a larger r or more target modules cost more per step).
     """
 
     setup_s: float = 0.0
     step_s: float = 0.0
     eval_s: float = 0.0
+    margin: float = 1.1
     observed: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds, steps, evaluations)
 
     def prior(self, steps: int, evals: int) -> float:
@@ -109,13 +110,12 @@ class CostModel:
     def estimate(self, steps: int, evals: int) -> float:
         """The expected wall time of a trial of ``steps`` optimizer steps and ``evals`` evaluations."""
         prior = self.prior(steps, evals)
-        if not self.observed:
-            return prior
         # seconds per unit of work beyond loading the model (a trial pruned early is mostly loading)
         rates = [max(0.0, seconds - self.setup_s) / self._units(s, e) for seconds, s, e in self.observed
                  if self._units(s, e) > 0]
-        empirical = self.setup_s + statistics.median(rates) * self._units(steps, evals) if rates else 0.0
-        return max(prior, empirical)
+        if not rates:
+            return prior
+        return self.margin * (self.setup_s + statistics.median(rates) * self._units(steps, evals))
 
     def describe(self) -> str:
         """The measured rates in words, for messages."""

@@ -114,7 +114,8 @@ def suggest_lr_range(lrs: Sequence[float], losses: Sequence[float], *, diverge: 
     smooth = _centered([p[1] for p in points], window)
     logs = [math.log10(r) for r in rates]
     lowest = min(range(len(smooth)), key=smooth.__getitem__)
-    best, start = smooth[lowest], smooth[0]
+    best = smooth[lowest]
+    start = statistics.median(p[1] for p in points[: max(3, len(points) // 10)])  # where the loss started (robust)
     explosion: float | None = nonfinite_at
     dropped = start - best > 0.02 * max(abs(start), 1e-12)  # "back above the start" means something only then
     for i in range(lowest + 1, len(smooth)):
@@ -350,10 +351,11 @@ def render_range_test_png(test: RangeTest, title: str = "learning-rate range tes
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
-    if finite:
-        low = min(p[1] for p in finite)
-        start = finite[0][1]
-        ax.set_ylim(low - 0.1 * abs(start - low) - 1e-3, max(start, low) + 0.6 * abs(start - low) + 1e-3)
+    if finite:  # the descent fills the plot; the explosion runs off the top
+        smooth = _centered([p[1] for p in finite], 5)
+        lowest = min(range(len(smooth)), key=smooth.__getitem__)
+        top, low = max(p[1] for p in finite[: lowest + 1]), min(p[1] for p in finite)
+        ax.set_ylim(low - 0.1 * (top - low) - 1e-3, top + 0.15 * (top - low) + 1e-3)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     ax.set_title(title)

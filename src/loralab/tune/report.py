@@ -209,6 +209,14 @@ def render_trials_png(result: TuneResult) -> bytes:
         ax.grid(alpha=0.3)
         if plotted and ax.collections:
             ax.set_xscale("log", base=10 if key == "train.learning_rate" else 2)
+    ranks = sorted({r.values.get("lora.r") for r in result.trials if r.value is not None
+                    and isinstance(r.values.get("lora.r"), int)})
+    if ranks:
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        r_ax.set_xticks(ranks)
+        r_ax.xaxis.set_major_formatter(ScalarFormatter())
+        r_ax.xaxis.set_minor_formatter(NullFormatter())
     lr_ax.set_title(f"{metric} against learning rate")
     r_ax.set_title(f"{metric} against r")
     if not plotted:

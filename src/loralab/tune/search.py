@@ -317,7 +317,9 @@ def make_sampler(seed: int, n_existing: int) -> Any:
         return optuna.samplers.TPESampler(multivariate=True, seed=seed + n_existing, n_startup_trials=STARTUP_TRIALS)
 
 
-def open_study(spec: TuneSpec, summary: SpaceSummary) -> tuple[Any, Any]:
+def open_study(spec: TuneSpec, summary: SpaceSummary) -> tuple[Any, Any, SpaceSummary]:
+    """The tune's study (created, or loaded to continue it) with its sampler and pruner, its storage, and its space:
+    the space the study was created with (a continued study keeps its distributions, whatever changed since)."""
     from loralab.sweep_distributed import open_storage
 
     optuna = _optuna()
@@ -332,6 +334,8 @@ def open_study(spec: TuneSpec, summary: SpaceSummary) -> tuple[Any, Any]:
     elif existing != spec.fingerprint():
         raise LoralabError(f"the Optuna study {study.study_name!r} in {spec.storage or 'the tune journal'} belongs to "
                            "another tune; use another --output or --storage")
+    elif study.user_attrs.get("space"):
+        summary = SpaceSummary.from_dict(study.user_attrs["space"])
     trials_dir = spec.output / "trials"
     if not study.trials and trials_dir.is_dir() and any(p.is_dir() for p in trials_dir.iterdir() if p.name != "failed"):
         raise LoralabError(f"{trials_dir} holds trial folders but the study in {spec.storage or spec.output / 'optuna.journal'} "
@@ -339,7 +343,7 @@ def open_study(spec: TuneSpec, summary: SpaceSummary) -> tuple[Any, Any]:
                            "changed. Pass the --storage the study lives in, or use another --output")
     study.sampler = make_sampler(spec.seed, len(study.trials))
     study.pruner = make_pruner(spec.pruner, summary.eval_steps, summary.max_steps)
-    return study, storage
+    return study, storage, summary
 
 
 def requeue_interrupted(study: Any, storage: Any) -> list[int]:
@@ -542,9 +546,8 @@ def run_tune(spec: TuneSpec, *, budget_s: float | None = None, trials: int | Non
     del prepared, tokenizer
 
     n_train = len(data.train)
-    summary = space_summary(spec, test, n_train)
+    study, storage, summary = open_study(spec, space_summary(spec, test, n_train))
     result.space = summary
-    study, storage = open_study(spec, summary)
     space = summary.params
     result.requeued = requeue_interrupted(study, storage)
     for values in enqueue:
@@ -644,9 +647,13 @@ class _TrialRunner:
         note(host=socket.gethostname(), pid=os.getpid())
         values = {name: param.suggest(trial) for name, param in summary.params.items()}
         run_dir = spec.output / "trials" / str(trial.number)
-        config = trial_config(spec.base, values, name=str(trial.number), output_dir=str(spec.output / "trials"),
-                              metric=spec.metric, eval_steps=summary.eval_steps, eval_limit=spec.eval_limit,
-                              coverages=summary.coverages)
+        try:
+            config = trial_config(spec.base, values, name=str(trial.number), output_dir=str(spec.output / "trials"),
+                                  metric=spec.metric, eval_steps=summary.eval_steps, eval_limit=spec.eval_limit,
+                                  coverages=summary.coverages)
+        except ConfigError as exc:  # a combination of values that does not validate (e.g. an odd r with orthogonal)
+            note(values=_jsonable(values), outcome="failed", reason=str(exc))
+            raise TrialFailed(str(exc)) from None
         steps = planned_steps(config.train, self.n_train)
         estimate = self.cost.estimate(steps, evaluations(steps, summary.eval_steps))
         note(values=_jsonable(values), run_dir=str(run_dir), planned_steps=steps, estimate_s=round(estimate, 2))
