@@ -11,7 +11,7 @@ import torch
 from loralab.checks.data import check_hyperparameters
 from loralab.config import LoraSettings, RunConfig, build_config, load_config
 from loralab.errors import ConfigError, LoralabError
-from loralab import training
+from loralab import precision, training
 from conftest import opposite_records, tiny_overrides
 
 
@@ -176,22 +176,22 @@ def test_scaling_warning_follows_users_guidance():
 
 
 def test_auto_precision_keeps_t5_out_of_fp16(monkeypatch):
-    monkeypatch.setattr(training, "gpu_precision", lambda: "fp16")  # a T4
+    monkeypatch.setattr(precision, "gpu_precision", lambda: "fp16")  # a T4
     for model_type in ("t5", "mt5", "umt5"):
         assert training.resolve_precision("auto", model_type) == "fp32"
         assert training.resolve_precision("fp16", model_type) == "fp16"  # explicit stays explicit
     for model_type in ("llama", "bart", None):
         assert training.resolve_precision("auto", model_type) == "fp16"
     assert training.resolve_precision("auto") == "fp16"  # callers without a model type
-    monkeypatch.setattr(training, "gpu_precision", lambda: "bf16")
+    monkeypatch.setattr(precision, "gpu_precision", lambda: "bf16")
     assert training.resolve_precision("auto", "t5") == "bf16"
-    monkeypatch.setattr(training, "gpu_precision", lambda: None)
-    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(precision, "gpu_precision", lambda: None)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
     assert training.resolve_precision("auto", "t5") == "fp32"
 
 
 def test_fp16_on_t5_warns(monkeypatch):
-    monkeypatch.setattr(training, "gpu_precision", lambda: "fp16")
+    monkeypatch.setattr(precision, "gpu_precision", lambda: "fp16")
     config = build_config(overrides=["train.learning_rate=2e-4", "train.precision=fp16"])
     model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="mt5"))
     result = check_hyperparameters(types.SimpleNamespace(config=config, data=types.SimpleNamespace(train=[None] * 400),
@@ -208,8 +208,8 @@ def test_model_dtype_auto_follows_the_training_precision(monkeypatch):
 
     assert RunConfig().model.dtype == "auto"
     cfg = RunConfig().model
-    monkeypatch.setattr(training, "gpu_precision", lambda: None)
-    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precision, "gpu_precision", lambda: None)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
     assert load_dtype(cfg, "auto") == torch.bfloat16
     assert load_dtype(cfg, "bf16") == torch.bfloat16
     assert load_dtype(cfg, "fp32") == torch.float32
@@ -217,7 +217,7 @@ def test_model_dtype_auto_follows_the_training_precision(monkeypatch):
     assert load_dtype(cfg.model_copy(update={"load_in_4bit": True}), "auto") == torch.float32
     assert load_dtype(cfg.model_copy(update={"dtype": "checkpoint"}), "auto") == "auto"  # transformers: as saved
     assert load_dtype(cfg.model_copy(update={"dtype": "float16"}), "fp32") == torch.float16
-    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
     assert load_dtype(cfg, "auto") == torch.float32
 
 
@@ -225,8 +225,8 @@ def test_bf16_base_trains_fp32_lora(tiny_llama_dir, data_file, tmp_path, monkeyp
     from loralab.checks.model import check_loss
     from loralab.models import load_model
 
-    monkeypatch.setattr(training, "gpu_precision", lambda: None)
-    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: True)  # as on an AMX / AVX512-BF16 CPU
+    monkeypatch.setattr(precision, "gpu_precision", lambda: None)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)  # as on an AMX / AVX512-BF16 CPU
     config = build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, **{
         "train.precision": "auto", "lora.modules_to_save": "[lm_head]", "lora.init_lora_weights": "gaussian"}))
     assert next(load_model(config.model, "CAUSAL_LM", precision="auto").parameters()).dtype == torch.bfloat16

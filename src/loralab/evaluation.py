@@ -237,7 +237,7 @@ class GenerationMetricsCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         if model is None or not self.examples:
             return
-        from loralab.training import autocast, model_type_of
+        from loralab.precision import autocast, model_type_of
 
         with autocast(self.config.train.precision, model_device(model), model_type_of(model)):  # as the Trainer computes eval_loss
             scores = generation_metrics(model, self.tokenizer, self.config, self.task_type, self.examples, self.settings)
@@ -245,7 +245,7 @@ class GenerationMetricsCallback(TrainerCallback):
             metrics.update(scores)
         state.log_history.append({**scores, "epoch": state.epoch, "step": state.global_step})
         if self.metrics_path is not None:
-            from loralab.training import MetricsFileCallback
+            from loralab.trainer import MetricsFileCallback
 
             MetricsFileCallback(self.metrics_path).on_log(args, state, control, logs=dict(scores))
 

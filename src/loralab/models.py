@@ -174,7 +174,7 @@ def load_dtype(model_cfg: ModelConfig, precision: str | None = None) -> Any:
         return getattr(torch, model_cfg.dtype)
     if precision is None or model_cfg.quantized:
         return torch.float32
-    from loralab.training import resolve_precision
+    from loralab.precision import resolve_precision
 
     return torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
 
@@ -209,7 +209,7 @@ def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
     """The dtype 4-bit layers compute in: ``bnb_4bit_compute_dtype``, auto = bf16 where the hardware runs it."""
     if model_cfg.bnb_4bit_compute_dtype != "auto":
         return getattr(torch, model_cfg.bnb_4bit_compute_dtype)
-    from loralab.training import resolve_precision
+    from loralab.precision import resolve_precision
 
     return torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32
 

@@ -380,7 +380,7 @@ def optimizer_steps(session: Any) -> tuple[int, int]:
 
 def check_hyperparameters(session: Any) -> CheckResult:
     """Learning rate, alpha/r scaling, dropout for the dataset size, step counts, precision for the hardware."""
-    from loralab.training import FP16_OVERFLOW_TYPES, cpu_supports_bf16, model_type_of, resolve_precision
+    from loralab.precision import FP16_OVERFLOW_TYPES, cpu_supports_bf16, model_type_of, resolve_precision
 
     cfg = session.config
     lora, train = cfg.lora, cfg.train

@@ -41,7 +41,7 @@ def device_of(model: Any) -> torch.device:
 
 def autocast(session: Any, device: torch.device) -> Any:
     """The mixed-precision context training uses."""
-    from loralab.training import autocast as training_autocast, model_type_of
+    from loralab.precision import autocast as training_autocast, model_type_of
 
     return training_autocast(session.config.train.precision, device, model_type_of(session.model))
 
@@ -49,7 +49,7 @@ def autocast(session: Any, device: torch.device) -> Any:
 def training_loss(session: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss the Trainer optimises: supervised-positions-only for causal LMs where training uses it, else the model's."""
     from loralab.speed import supervised_lm_loss
-    from loralab.training import uses_supervised_logits
+    from loralab.trainer import uses_supervised_logits
 
     if uses_supervised_logits(session):
         total, count = supervised_lm_loss(session.model, batch)
@@ -274,7 +274,7 @@ def duration(seconds: float) -> str:
 
 def _timed_steps(session: Any, batches: list[dict[str, Any]], device: torch.device) -> tuple[list[float], list[float]]:
     """Real optimizer steps (AdamW on the LoRA weights, configured precision); LoRA weights restored afterwards."""
-    from loralab.training import model_type_of, resolve_precision
+    from loralab.precision import model_type_of, resolve_precision
 
     model, train = session.model, session.config.train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -333,7 +333,7 @@ def _eval_seconds(session: Any, device: torch.device) -> float:
 
 def check_cost(session: Any) -> CheckResult:
     """Seconds per optimizer step measured on a few real steps, projected per epoch and per run, and peak memory."""
-    from loralab.training import model_type_of, resolve_precision
+    from loralab.precision import model_type_of, resolve_precision
 
     train = session.config.train
     device = device_of(session.model)
