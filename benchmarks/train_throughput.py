@@ -156,6 +156,7 @@ def recipe_loralab(records, out: str, batch: int | None, extra: list[str]) -> tu
 def run_child(name: str, n: int, batch: int | None, extra: list[str]) -> dict:
     """Train one recipe and measure it (called in a fresh process)."""
     from loralab.config import TrainConfig
+    from loralab.precision import resolve_precision
 
     torch.manual_seed(0)
     records = examples(n)
@@ -175,7 +176,7 @@ def run_child(name: str, n: int, batch: int | None, extra: list[str]) -> dict:
         loss = final_loss(f"{out}/adapter", records)
     return {"recipe": name, "seconds": elapsed, "steps": steps, "batch_size": batch, "processed_tokens": collator.processed,
             "peak_rss_mib": peak_mib, "final_loss": loss, "train_loss": result.training_loss,
-            "bf16": name != "usual"}
+            "bf16": name == "plain" or (name in ("loralab", "qlora") and resolve_precision("auto") == "bf16")}
 
 
 # ---------------------------------------------------------------- the parent: peaks, children, table
