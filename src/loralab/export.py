@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from loralab.errors import LoralabError
-from loralab.runs import replace_dir_atomic, staging_dir, write_json_atomic
+from loralab.runs import write_json_atomic, written_into_place
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,17 +43,12 @@ def check_export_target(output: Path, overwrite: bool) -> None:
 
 def write_export(model: Any, tokenizer: Any, output: Path, *, run_dir: str | Path, checkpoint: str, dtype: str) -> Path:
     """Save a merged model + tokenizer + marker in a staging folder, then move it into place atomically."""
-    staging = staging_dir(output)
-    try:
+    with written_into_place(output) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / MARKER, {"run": str(run_dir), "checkpoint": checkpoint, "dtype": dtype,
                                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                              "files": sorted(p.name for p in staging.iterdir())})
-        replace_dir_atomic(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

@@ -6,7 +6,6 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from torch import nn
 
 from loralab.config import DEFAULT_MODEL, LoraSettings, ModelConfig, RunConfig
 from loralab.errors import LoralabError
-from loralab.runs import replace_dir_atomic, staging_dir
+from loralab.runs import written_into_place
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +66,9 @@ def builtin_model_path(alias: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = alias
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(target)
-    try:
+    with written_into_place(target) as staging:  # readable by other users as the umask allows
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        replace_dir_atomic(staging, target)  # readable by other users as the umask allows
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from loralab.checkpoints import complete_checkpoints, list_checkpoints
 from loralab.config import RunConfig, build_config, read_yaml
@@ -106,6 +107,19 @@ def staging_dir(target: Path) -> Path:
     """A fresh hidden folder next to ``target`` to write into before ``replace_dir_atomic``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+
+
+@contextlib.contextmanager
+def written_into_place(target: Path) -> Iterator[Path]:
+    """Yield a staging folder next to ``target``; when the block ends without an error the folder replaces
+    ``target`` atomically (the old one is kept until then). The staging folder never outlives the block."""
+    staging = staging_dir(target)
+    try:
+        yield staging
+        replace_dir_atomic(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def replace_dir_atomic(staging: Path, target: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from loralab.fingerprints import data_record, verify_data
 from loralab.guards import GracefulInterrupt, TrainingDiverged, TrainingInterrupted, non_finite_parameter
 from loralab.precision import (FP16_OVERFLOW_TYPES, autocast, cpu_supports_bf16, gpu_precision,  # noqa: F401
                                model_type_of, resolve_precision)
-from loralab.runs import RunFolder, replace_dir_atomic, staging_dir, trim_metrics, write_json_atomic
+from loralab.runs import RunFolder, trim_metrics, write_json_atomic, written_into_place
 from loralab.speed import PackingCollator, cast_frozen_weights, supports_packing, use_fast_dropout
 from loralab.trainer import (MetricsFileCallback, SupervisedLogitsTrainer, build_trainer, check_optimizer,  # noqa: F401
                              checkpoint_interval, sharding_arguments, training_arguments, uses_supervised_logits)
@@ -118,18 +117,13 @@ def save_adapter(model: Any, tokenizer: Any, target: Path, label_ids: dict[str, 
                  state_dict: dict[str, Any] | None = None) -> None:
     """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors, + labels.json for a
     classifier) into a staging folder, then move it into place atomically."""
-    staging = staging_dir(target)
-    try:
+    with written_into_place(target) as staging:
         model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(staging)
         if label_ids:
             from loralab.classification import save_labels
 
             save_labels(staging, label_ids)
-        replace_dir_atomic(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def finish_from_checkpoint(trainer: Any, model: Any, checkpoint: Path) -> Any:
