@@ -93,12 +93,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
+def decoder_with_output_layer(base: nn.Module) -> bool:
+    """A decoder-only transformers model with an output-embedding module (``lm_head``)."""
+    config = getattr(base, "config", None)
+    return (config is not None and not getattr(config, "is_encoder_decoder", False)
+            and hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None)
+
+
 def supports_packing(model: nn.Module) -> bool:
     """True for decoder-only architectures known to keep packed examples apart (``PACKING_MODEL_TYPES``)."""
     base = unwrap_model(model)
-    config = getattr(base, "config", None)
-    return (getattr(config, "model_type", "") in PACKING_MODEL_TYPES and not getattr(config, "is_encoder_decoder", False)
-            and hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None)
+    return getattr(getattr(base, "config", None), "model_type", "") in PACKING_MODEL_TYPES and decoder_with_output_layer(base)
 
 
 def supervised_logits_exact(model: nn.Module) -> bool:
@@ -115,10 +120,7 @@ def supervised_logits_exact(model: nn.Module) -> bool:
             return False
         if hasattr(wrapper, "_orig_mod"):  # torch.compile's OptimizedModule
             return False
-    base = unwrap_model(model)
-    config = getattr(base, "config", None)
-    return (config is not None and not getattr(config, "is_encoder_decoder", False)
-            and hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None)
+    return decoder_with_output_layer(unwrap_model(model))
 
 
 def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
