@@ -145,3 +145,17 @@ def tiny_overrides(model_dir: Path, data_file: Path, out: Path, **extra: object)
               "train.learning_rate": 3e-2, "train.epochs": 4, "train.batch_size": 4, "train.logging_steps": 2,
               "train.precision": "fp32", "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "data.max_length": 64, **extra}
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_cli(*args: object) -> tuple[int, str]:
+    """``loralab ARGS`` in-process: the exit code and everything printed (stdout and stderr)."""
+    from typer.testing import CliRunner
+
+    from loralab.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout + result.stderr
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

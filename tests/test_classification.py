@@ -5,28 +5,19 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from loralab.classification import classification_scores, load_classifier, macro_f1, predict_labels
-from loralab.cli import app
 from loralab.config import build_config
 from loralab.data import Example, label_vocabulary
 from loralab.errors import LoralabError
 from loralab.evaluation import compare_prompts, evaluate_run
 from loralab.export import export_merged
 from loralab.training import setup, train
-from conftest import WORDS, tiny_overrides
-
-runner = CliRunner()
+from conftest import read_jsonl, run_cli, WORDS, tiny_overrides
 
 
-def _cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr
 
-
-def _lines(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+_cli, _lines = run_cli, read_jsonl
 
 
 def _write_jsonl(path, rows):

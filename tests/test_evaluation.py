@@ -14,20 +14,14 @@ from loralab.generation import GenerationSettings, generate_answers, load_run_mo
 from loralab.metrics import METRIC_NAMES, score_corpus
 from loralab.runs import load_run_config
 from loralab.training import train
-from conftest import opposite_records, tiny_overrides
+from conftest import read_jsonl, run_cli, opposite_records, tiny_overrides
 
 SETTINGS = GenerationSettings(max_new_tokens=12)
 FAST = ["--max-new-tokens", "12"]
 runner = CliRunner()
 
 
-def _cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr
-
-
-def _lines(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+_cli, _lines = run_cli, read_jsonl
 
 
 @pytest.fixture(scope="module")
