@@ -92,3 +92,28 @@ def test_nproc_larger_than_the_machine_is_refused_before_anything_starts(tmp_pat
     result = _loralab(["train", "--nproc", "4096"], tmp_path)
     assert result.returncode == 1 and "more processes than this machine has" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_through_torchrun_rendezvous_train_like_one_process(setting):
+    """Multi-node as README documents it (--nnodes/--node_rank/--rdzv_endpoint), both "nodes" on this machine and
+    the run folder on storage both see: the same training as one process, written once."""
+    tmp, sets = setting
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                               "--rdzv_id", "loralab-test", "-m", "loralab", "train", *sets, "--set", "name=nodes",
+                               "--skip-checks"], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert sum(out.count("trainable params") for out, _ in outputs) == 1  # one summary, from global rank 0
+    _assert_same_training(tmp / "runs" / "nodes", tmp / "runs" / "ga")

@@ -156,13 +156,8 @@ def train(config: Optional[Path] = typer.Argument(None, help="YAML config file (
                                               "torchrun itself (one process per GPU, or CPU processes with gloo).")) -> None:
     """Fine-tune a LoRA adapter (no arguments: the built-in model on the bundled demo data)."""
     from loralab import distributed
+    from loralab.engines import check_engines
     from loralab.training import train as run_training
-
-    if nproc is not None:
-        code = distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc"))
-        if code:
-            raise typer.Exit(code)
-        return
 
     if resume and config is not None and not config.exists():
         raise LoralabError(f"nothing to resume: {config} does not exist (give a run folder: loralab train --resume RUN_DIR)")
@@ -171,6 +166,12 @@ def train(config: Optional[Path] = typer.Argument(None, help="YAML config file (
             raise LoralabError(f"--resume {config} and --output {output} name two different run folders; give one")
         config, output = None, config
     resolved = resolve_run_config(config, data, model, sets, output, resume, trust_remote_code)
+    if nproc is not None:  # a bad config or an engine the model cannot use fails here, before torchrun starts
+        check_engines(resolved)
+        code = distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc"))
+        if code:
+            raise typer.Exit(code)
+        return
     preflight = None if skip_checks else _preflight()
     summary = run_training(resolved, run_dir=output, overwrite=overwrite, resume=resume or None, preflight=preflight)
     if distributed.is_main_process():
@@ -258,16 +259,19 @@ def _need_prompts(prompt: Optional[list[str]], prompts_file: Optional[Path]) -> 
 @handle_errors
 def eval_command(run_dir: Path = RunArg,
                  data: Optional[Path] = typer.Option(None, "--data", help="Every row of this file instead of the eval split."),
+                 split: str = typer.Option("eval", "--split", help="eval (default) or test: the split held out by "
+                                           "data.test_split / data.test_path (writes eval_test.json)."),
                  limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples (a quick look)."),
                  checkpoint: str = CheckpointOpt, show: int = typer.Option(3, "--show", min=0, help="Example answers to print."),
                  max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
                  top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
                  batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt) -> None:
-    """Score base vs adapter answers on the run's eval split; writes eval.json and predictions.jsonl."""
+    """Score base vs adapter answers on the run's eval split (or --split test); writes eval.json and predictions.jsonl."""
     from loralab.evaluation import evaluate_run
 
     settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
-    report = evaluate_run(run_dir, data_path=data, limit=limit, checkpoint=checkpoint, settings=settings, progress=True)
+    report = evaluate_run(run_dir, data_path=data, limit=limit, checkpoint=checkpoint, settings=settings, progress=True,
+                          split=split)
     print_eval(report, run_dir, show)
 
 
@@ -367,6 +371,8 @@ def sweep(source: Optional[Path] = typer.Argument(None, help="A sweep file (top-
           grid: Optional[list[str]] = typer.Option(None, "--grid", help="key=v1,v2,... (repeatable); list values as "
                                                    "'lora.target_modules=\\[q_proj,v_proj],\\[q_proj,k_proj,v_proj,o_proj]'."),
           name: Optional[str] = typer.Option(None, "--name", help="Sweep folder: <sweeps-dir>/<name> (default: the file's name)."),
+          seeds: Optional[str] = typer.Option(None, "--seeds", help="Train every grid cell once per train.seed, e.g. 1,2,3; "
+                                              "the comparison shows mean ± sd over them."),
           sets: Optional[list[str]] = SetOpt, data: Optional[str] = DataOpt, model: Optional[str] = ModelOpt,
           metric: Optional[str] = typer.Option(None, "--metric", help="Picks the best run: eval_loss (default), rouge_l, chrf, exact_match, bleu."),
           prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Prompts for the side-by-side answers (default: 3 from the eval split)."),
@@ -391,7 +397,7 @@ def sweep(source: Optional[Path] = typer.Argument(None, help="A sweep file (top-
         shortcuts = ([f"model.name_or_path={model}"] if model else []) + ([f"data.path={data}"] if data else [])
         spec = load_sweep(source, grid or [], [_quote_path(o) for o in shortcuts + list(sets or [])], name=name,
                           metric=metric, eval_limit=eval_limit, max_new_tokens=max_new_tokens, prompts_file=prompts_file,
-                          sweeps_dir=sweeps_dir)
+                          sweeps_dir=sweeps_dir, seeds=seeds)
     result = run_sweep(spec, dry_run=dry_run, report_only=report_only, backend=backend, storage=storage,
                        retry_failed=retry_failed, progress=True, preflight=None if skip_checks else _preflight())
     print_sweep(result, retry_failed)

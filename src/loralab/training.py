@@ -17,6 +17,7 @@ import torch
 
 from loralab.config import RunConfig
 from loralab.data import PreparedData, make_collator, prepare_data
+from loralab.engines import check_engines
 from loralab.errors import LoralabError
 from loralab.models import (
     TargetReport,
@@ -72,6 +73,7 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     """Load tokenizer and data first (fast failures), then the model, then apply LoRA."""
     task_type, tokenizer, data = prepared or load_tokenizer_and_data(config)
     num_labels = len(data.label_ids) if data.label_ids else None  # ids are 0..n-1 (data.label_vocabulary)
+    check_engines(config, task_type)
     model = load_model(config.model, task_type, num_labels=num_labels, precision=config.train.precision)
     if data.label_ids:
         model.config.id2label = {i: name for name, i in data.label_ids.items()}
@@ -221,7 +223,7 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         else:
             paths.metrics.unlink(missing_ok=True)
             write_json_atomic(paths.data_fingerprint, data_record(config.data, session.data.train_examples,
-                                                                  session.data.eval_examples))
+                                                                  session.data.eval_examples, session.data.test_examples))
     barrier()
     if not main and folder.mode == "resume":
         found = complete_checkpoints(paths.root)  # rank 0 has set the torn ones aside
