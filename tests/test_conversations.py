@@ -387,6 +387,7 @@ def test_raw_text_supervises_every_token_and_appends_eos(gemma, tmp_path):
 
 def test_label_masking_check_and_show_see_every_supervised_turn(tiny_llama_dir, tmp_path):
     from loralab.checks import check_label_masking, render_examples
+    from loralab.data import FeatureDataset
     from loralab.training import setup
 
     rows = [{"messages": [{"role": "user", "content": f"Give the opposite of {a}."}, {"role": "assistant", "content": f"{b}."},
@@ -402,6 +403,7 @@ def test_label_masking_check_and_show_see_every_supervised_turn(tiny_llama_dir, 
     assert shown.count("[[") == 2 and "in 2 assistant turns" in shown.splitlines()[0]
     assert f"<|im_start|>assistant\n[[{answer}<|im_end|>]]\n<|im_start|>user\nAnd again?<|im_end|>\n" \
            f"<|im_start|>assistant\n[[Still {answer}<|im_end|>]]" in shown, shown
+    session.data.train = FeatureDataset(list(session.data.train.tokenized), "CAUSAL_LM")  # in memory: masks to break
     first = session.data.train.tokenized[0]
     start, end = first.turns[0]
     labels = list(first.labels)
@@ -412,3 +414,38 @@ def test_label_masking_check_and_show_see_every_supervised_turn(tiny_llama_dir, 
     labels[end - 1], labels[start - 1] = first.labels[end - 1], first.input_ids[start - 1]  # a prompt token supervised
     session.data.train.tokenized[0] = type(first)(**{**first.__dict__, "labels": labels})
     assert "prompt tokens supervised in 1 examples" in check_label_masking(session).reason
+
+
+def test_eval_scores_each_assistant_turn_given_the_history_before_it(tiny_llama_dir, tmp_path):
+    from loralab.evaluation import eval_examples, evaluate_run
+    from loralab.generation import GenerationSettings
+    from loralab.training import train
+    from loralab.turns import answer_turns
+    from conftest import run_cli
+
+    rows = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"Give the opposite of {a}."}, {"role": "assistant", "content": f"{b}."},
+                          {"role": "user", "content": "And again?"}, {"role": "assistant", "content": f"Still {b}."}]}
+            for a, b in [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("wet", "dry")]]
+    rows.append({"messages": [{"role": "user", "content": "Opposite of early?"}, {"role": "assistant", "content": "late"}]})
+    path = write_jsonl(tmp_path / "chats.jsonl", rows * 2)
+    config = build_config(overrides=tiny_overrides(tiny_llama_dir, path, tmp_path / "runs", name="c", **{
+        "data.eval_split": 0.5, "train.max_steps": 1}))
+    train(config, progress=False)
+    run_dir = tmp_path / "runs" / "c"
+    held = eval_examples(config, "CAUSAL_LM", run_dir)
+    report = evaluate_run(run_dir, settings=GenerationSettings(max_new_tokens=4), progress=False)
+    expected = [turn for example in held for turn in answer_turns(example)]
+    several = sum(len(answer_turns(e)) > 1 for e in held)
+    assert report["n"] == report["base"]["n"] == len(expected) == len(held) + several and several > 0
+    assert f"{several} conversations with several answers" in report["turns"]
+    predicted = report["predictions"]
+    assert [(p["row"], p.get("turn"), p["reference"]) for p in predicted] == \
+        [(e.row, e.turn, e.response) for e in expected]
+    first = next(p for p in predicted if p.get("turn") == 1)  # the first answer: only the history before it
+    assert [m["role"] for m in first["messages"]] == ["system", "user"] and first["reference"].endswith(".")
+    second = next(p for p in predicted if p.get("turn") == 2)
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
+    assert second["prompt"] == "And again?" and second["reference"].startswith("Still ")
+    code, out = run_cli("eval", run_dir, "--max-new-tokens", "4")
+    assert code == 0 and "each assistant turn scored given the history before it" in " ".join(out.split()), out

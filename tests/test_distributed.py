@@ -88,6 +88,17 @@ def test_fsdp_saves_a_whole_peft_adapter_equal_to_the_single_process_one(setting
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
 
 
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_saves_a_whole_peft_adapter_equal_to_the_single_process_one(setting, stage):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'loralab[deepspeed]')")
+    tmp, sets = setting
+    config = Path(__file__).resolve().parents[1] / "examples" / "deepspeed" / f"{stage}.json"
+    run = _loralab(["train", "--nproc", "2", *sets, "--set", f"name={stage}", "--set", f"train.deepspeed={config}",
+                    "--skip-checks"], tmp)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _assert_same_training(tmp / "runs" / stage, tmp / "runs" / "ga")  # ZeRO-3: gathered from the shards
+
+
 def test_nproc_larger_than_the_machine_is_refused_before_anything_starts(tmp_path):
     result = _loralab(["train", "--nproc", "4096"], tmp_path)
     assert result.returncode == 1 and "more processes than this machine has" in result.stderr

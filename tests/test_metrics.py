@@ -43,6 +43,43 @@ def test_exact_match_empty_and_mismatch() -> None:
         exact_match(["a"], [])
 
 
+# --- exact match of JSON answers ------------------------------------------------
+
+
+@pytest.mark.parametrize(("prediction", "reference"), [
+    ('{"name": "Ada", "age": 36}', '{"age":36,"name":"Ada"}'),  # key order and spacing
+    ('```json\n{"name": "Ada",\n "tags": ["a", "b"]}\n```', '{"name": "Ada", "tags": ["a", "b"]}'),  # a fence
+    ('```\n[1, 2.0, null]\n```', '[1.0, 2, null]'),  # 1 and 1.0 are the same JSON number
+    ('{"a": {"b": [true, "x"]}}', ' {"a":{"b":[true,"x"]}} '),
+])
+def test_exact_match_compares_json_by_value(prediction: str, reference: str) -> None:
+    assert exact_match([prediction], [reference]) == 1.0
+    assert score_pair(prediction, reference)["exact_match"] == 1.0
+
+
+@pytest.mark.parametrize(("prediction", "reference"), [
+    ('{"name": "Ada", "age": 36}', '{"name": "Ada", "age": 37}'),  # a different value
+    ('{"name": "Ada"}', '{"name": "Ada", "age": 36}'),  # a missing key
+    ('{"ok": true}', '{"ok": 1}'),  # true is not 1
+    ('["a", "b"]', '["b", "a"]'),  # arrays keep their order
+    ('{"x": NaN}', '{"x":  NaN}'),  # NaN is not JSON: compared as text (equal after whitespace)
+    ('{"x": NaN}', '{"x":NaN}'),  # ... and here the texts differ
+    ('{"name": "Ada"', '{"name": "Ada"}'),  # truncated: not JSON, text differs
+    ('"Ada"', 'Ada'),  # JSON strings are not objects / arrays: text match
+])
+def test_exact_match_json_mismatches(prediction: str, reference: str) -> None:
+    expected = float(normalize_text(prediction) == normalize_text(reference))
+    assert exact_match([prediction], [reference]) == expected
+    assert score_pair(prediction, reference)["exact_match"] == expected
+
+
+def test_exact_match_json_only_when_both_sides_parse() -> None:
+    # a JSON answer against a plain-text reference (and the reverse) is today's text match
+    assert exact_match(['{"a": 1}', "{'a': 1}"], ['{"a":1} extra', "{'a':  1}"]) == 0.5  # Python's quotes: text
+    assert exact_match(['{"a":  1}'], ['{"a":  1}']) == 1.0
+    assert exact_match(["x" * 3 + "[" * 100000], ["[" * 100000]) == 0.0  # nested too deep: no crash
+
+
 # --- contains_cjk / tokenizer ----------------------------------------------
 
 

@@ -37,22 +37,23 @@ def _load_tiny(model_dir):
 # ---------------------------------------------------------------- init_lora_weights
 
 
-@pytest.mark.parametrize("value", ["eva", "loftq", "pissa", "pissa_niter_4", "olora", "corda"])
+@pytest.mark.parametrize("value", ["lora_ga"])
 def test_unimplemented_inits_are_refused_at_config_time(value):
     # the model does not exist: the refusal comes before anything is loaded
     message = _refused("lora.init_lora_weights", overrides=[f"lora.init_lora_weights={value}",
                                                             "model.name_or_path=/nonexistent/model"])
-    assert f"'{value}' is not supported" in message
-    assert "supported: true, false, 'gaussian' or 'orthogonal'" in message
-    if value.startswith(("pissa", "olora", "corda")):
-        assert "residual" in message
+    assert f"'{value}' is not supported" in message and "gradient pass" in message
+    assert "supported: true, false, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_N'" in message
 
 
 def test_supported_inits_pass():
-    for value, expected in [("true", True), ("false", False), ("gaussian", "gaussian"), ("orthogonal", "orthogonal")]:
+    for value, expected in [("true", True), ("false", False), ("gaussian", "gaussian"), ("orthogonal", "orthogonal"),
+                            ("PiSSA", "pissa"), ("pissa_niter_4", "pissa_niter_4"), ("olora", "olora"),
+                            ("eva", "eva"), ("corda", "corda")]:
         assert build_config(overrides=[f"lora.init_lora_weights={value}", "lora.r=8"]).lora.init_lora_weights == expected
     _refused("'orthogonal' needs an even lora.r", overrides=["lora.init_lora_weights=orthogonal", "lora.r=7"])
-    _refused("must be true, false, 'gaussian' or 'orthogonal'", overrides=["lora.init_lora_weights=kaiming"])
+    _refused("must be true, false, 'gaussian', 'orthogonal'", overrides=["lora.init_lora_weights=kaiming"])
+    _refused("pissa_niter_N takes a whole number", overrides=["lora.init_lora_weights=pissa_niter_x"])
 
 
 def test_orthogonal_init_leaves_the_base_and_saves_exactly(tiny_llama_dir, tmp_path):

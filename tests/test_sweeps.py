@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import opposite_records, tiny_overrides
+from conftest import opposite_records, run_cli, tiny_overrides
 from loralab.errors import ConfigError, LoralabError
 from loralab.sweeps import expand_grid, load_sweep, parse_grid_arg, run_sweep
 
@@ -238,7 +238,7 @@ def test_optuna_backend_with_a_journal_file(tiny_llama_dir, data_file, tmp_path)
     import socket
     import subprocess
 
-    from loralab.sweep_distributed import open_study
+    from loralab.sweeps.distributed import open_study
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Give the opposite of hot.\n\nGive the opposite of wet.\n", encoding="utf-8")
@@ -274,3 +274,102 @@ def test_optuna_backend_with_a_journal_file(tiny_llama_dir, data_file, tmp_path)
     # a worker started after everything is done finds nothing to do
     again = run_sweep(spec, backend="optuna", storage=journal)
     assert {o.action for o in again.runs} == {"skipped"} and len(study.get_trials()) == 3
+
+
+# ---------------------------------------------------------------- seeds
+
+
+@pytest.fixture(scope="module")
+def seeded_sweep(tiny_llama_dir, data_file, tmp_path_factory):
+    """Two cells (lora.r 4, 8) x seeds 1 and 2, one epoch each, with a held-out test split."""
+    tmp = tmp_path_factory.mktemp("seeded")
+    spec = load_sweep(None, ["lora.r=4,8"], _base(tiny_llama_dir, data_file, tmp, 1) + ["data.test_split=0.2"],
+                      name="tiny", eval_limit=2, max_new_tokens=4, sweeps_dir=tmp / "sweeps", seeds="1,2")
+    return spec, run_sweep(spec)
+
+
+def test_seeds_repeat_every_cell_and_the_comparison_is_mean_and_sd(seeded_sweep):
+    import statistics
+
+    from loralab.config import load_config
+
+    spec, result = seeded_sweep
+    folder = spec.sweep_dir
+    names = ["r-4_seed-1", "r-4_seed-2", "r-8_seed-1", "r-8_seed-2"]
+    assert [o.run.name for o in result.runs] == names and {o.status for o in result.runs} == {"done"}
+    for name in names:
+        assert load_config(folder / name / "config.yaml").train.seed == int(name[-1])
+
+    runs = _csv(folder / "runs.csv")
+    assert [(r["run"], r["cell"], r["seed"]) for r in runs] == [(n, n.split("_")[0], n[-1]) for n in names]
+    losses = [float(r["best_eval_loss"]) for r in runs]
+    assert losses[0] != losses[1]  # another seed, another adapter
+
+    rows = _csv(folder / "comparison.csv")
+    assert [r["cell"] for r in rows] == ["base model", "r-4", "r-8"]
+    base, cells = rows[0], rows[1:]
+    assert float(base["best_eval_loss_mean"]) == pytest.approx(float(runs[0]["base_eval_loss"])) and base["n"] == "2"
+    for cell, pair in zip(cells, (runs[:2], runs[2:])):
+        assert cell["seeds"] == "1 2" and cell["n"] == "2" and cell["status"] == "done" and cell["lora.r"] in ("4", "8")
+        for key in ("best_eval_loss", "final_train_loss", "train_time_s", "rouge_l", "chrf"):
+            values = [float(r[key]) for r in pair]
+            assert float(cell[f"{key}_mean"]) == pytest.approx(statistics.fmean(values)), key
+            assert float(cell[f"{key}_sd"]) == pytest.approx(statistics.stdev(values)), key
+    best = min(cells, key=lambda r: float(r["best_eval_loss_mean"]))
+    assert [r["cell"] for r in rows if r["best"] == "yes"] == [best["cell"]] == [result.best]
+
+    # the test split: scored for every run (all of it: 5 of the 24 rows), reported, never used to rank
+    for name, run in zip(names, runs):
+        test = json.loads((folder / name / "eval_test.json").read_text())
+        assert test["split"] == "test" and test["adapter"]["n"] == 5 == int(run["test_n"])
+        assert float(run["test_chrf"]) == pytest.approx(test["adapter"]["chrf"])
+        assert float(run["base_test_chrf"]) == pytest.approx(test["base"]["chrf"])
+    for cell, pair in zip(cells, (runs[:2], runs[2:])):
+        assert float(cell["test_chrf_mean"]) == pytest.approx(statistics.fmean(float(r["test_chrf"]) for r in pair))
+    assert float(base["test_chrf_mean"]) == pytest.approx(float(runs[0]["base_test_chrf"]))
+
+    markdown = (folder / "comparison.md").read_text(encoding="utf-8")
+    mean, sd = float(best["best_eval_loss_mean"]), float(best["best_eval_loss_sd"])
+    assert f"{mean:.4f} ± {sd:.4f}" in markdown and f"| {result.best} ★ best | " in markdown
+    assert "Best cell by mean eval_loss over 2 seeds (lower is better)" in markdown and "| base model |" in markdown
+    assert "2 cells x 2 seeds = 4 runs: 4 done" in markdown and "## Runs" in markdown and "Next: " in markdown
+    assert "| test chrF |" in markdown and "no run trained on it" in markdown
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert "mean ± sd over seeds" in page and page.count('<tr class="best">') == 1 and all(n in page for n in names)
+    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_sweep(folder / "sweep.yaml").seeds == [1, 2]  # --report-only reads the seeds back
+
+
+def test_seeded_report_only_and_a_failed_seed(seeded_sweep, tmp_path):
+    spec, _ = seeded_sweep
+    shutil.copytree(spec.sweep_dir, tmp_path / "sweeps" / spec.name)
+    spec.sweeps_dir = tmp_path / "sweeps"
+    (spec.sweep_dir / "failed").mkdir()
+    (spec.sweep_dir / "failed" / "r-4_seed-2.json").write_text(json.dumps({"reason": "out of memory", "stage": "train"}))
+    result = run_sweep(spec, report_only=True)
+    rows = {r["cell"]: r for r in _csv(spec.sweep_dir / "comparison.csv")}
+    assert rows["r-4"]["status"] == "1 done, 1 failed" and rows["r-4"]["n"] == "1" and rows["r-4"]["best_eval_loss_sd"] == ""
+    assert result.best == "r-8" and rows["r-8"]["best"] == "yes"  # a cell with a failed seed is not ranked
+
+
+def test_seed_input_is_checked(tiny_llama_dir, data_file, tmp_path):
+    for seeds, fragment in (("1,x", "'x' is not an integer seed"), ("1,1", "lists a seed twice"), ("", "is empty")):
+        with pytest.raises(ConfigError, match=fragment):
+            _spec(tiny_llama_dir, data_file, tmp_path, ["lora.r=4"], seeds=seeds)
+    with pytest.raises(ConfigError, match="'train.seed' and seeds both set the seed"):
+        _spec(tiny_llama_dir, data_file, tmp_path, ["train.seed=1,2"], seeds="3,4")
+    sweep_file = tmp_path / "seeds.yaml"
+    sweep_file.write_text("seeds: 3\nbase: {train: {epochs: 1}}\n")
+    with pytest.raises(ConfigError, match=r"'seeds' must be a list of distinct integers, e.g. \[1, 2, 3\]; got 3"):
+        load_sweep(sweep_file)
+    # a sweep file with seeds and no grid: the base config once per seed
+    sweep_file.write_text(json.dumps({"seeds": [7, 8, 9], "base": {"model": {"name_or_path": str(tiny_llama_dir)},
+                                                                     "data": {"path": str(data_file)}}}))
+    planned = expand_grid(load_sweep(sweep_file))
+    assert [(r.name, r.cell, r.config.train.seed) for r in planned] == \
+        [("seed-7", "config", 7), ("seed-8", "config", 8), ("seed-9", "config", 9)]
+    code, out = run_cli("sweep", sweep_file, "--dry-run", "--grid", "lora.r=4,8", "--seeds", "1,2",
+                        "--sweeps-dir", tmp_path / "sw")
+    assert code == 0 and "4 runs" in out and "r-8_seed-2" in out and "train.seed=2" in out, out
+    code, out = run_cli("sweep", sweep_file, "--dry-run", "--seeds", "1,1")
+    assert code == 1 and "lists a seed twice" in out and "Traceback" not in out

@@ -3,16 +3,18 @@ pruning, best.yaml, continuing a study, refused inputs, and the new train keys (
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import opposite_records, tiny_overrides
+from conftest import opposite_records, run_cli, tiny_overrides
 from loralab.config import build_config, load_config
 from loralab.errors import ConfigError, LoralabError
 from loralab.tune import (Budget, CostModel, TuneProgress, format_duration, load_tune, parse_duration, progress_line,
@@ -293,7 +295,8 @@ def test_rerun_continues_the_study_and_best_yaml_trains(study, tmp_path):
 
 
 def test_an_interrupted_trial_is_queued_again(study, tmp_path):
-    from loralab.tune.search import open_study, requeue_interrupted, space_summary, study_name
+    from loralab.tune.search import space_summary
+    from loralab.tune.study import open_study, requeue_interrupted, study_name
 
     spec, result, _ = study
     out = tmp_path / "copy"
@@ -446,3 +449,115 @@ def test_early_stopping_on_a_generation_metric(tiny_llama_dir, data_file, tmp_pa
     at_two = next(h["eval_loss"] for h in history if h.get("step") == 2 and "eval_loss" in h)
     assert summary["best_eval_loss"] == pytest.approx(at_two)  # the eval loss of the checkpoint kept
     assert [step for step, _ in seen] == [0, 2, 4, 6] and all("eval_exact_match" in keys for _, keys in seen)
+
+
+def test_a_generation_metric_on_eval_answers_that_are_empty_is_refused(tiny_llama_dir, data_file, tmp_path):
+    empty = tmp_path / "eval.json"
+    empty.write_text(json.dumps([{"instruction": r["instruction"], "response": ""} for r in opposite_records()[:4]]))
+    spec = load_tune(tmp_path / "t", _base(tiny_llama_dir, data_file, **{"data.eval_path": str(empty)}),
+                     metric="exact_match")
+    with pytest.raises(ConfigError, match="its 4 examples have none \\(empty responses\\); use --metric eval_loss"):
+        run_tune(spec, trials=1)
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_duplicate_of_a_requeued_trial_is_skipped(study, tmp_path):
+    """Two workers that start at once may both queue an interrupted trial again: only the first copy runs."""
+    from loralab.tune.search import space_summary
+    from loralab.tune.study import open_study, requeue
+
+    spec, result, _ = study
+    out = tmp_path / "copy"
+    shutil.copytree(spec.output, out)
+    moved = load_tune(out)
+    opened, _, _ = open_study(moved, space_summary(moved, result.range_test, n_train=19))
+    trial = opened.ask({"train.learning_rate": optuna.distributions.FloatDistribution(1e-6, 5e-2, log=True),
+                        "lora.r": optuna.distributions.CategoricalDistribution([4, 8]),
+                        "train.max_steps": optuna.distributions.CategoricalDistribution([8, 12])})
+    opened.tell(trial, state=optuna.trial.TrialState.FAIL)  # a killed worker's trial, failed by two others at once
+    frozen = opened.trials[trial.number]
+    requeue(opened, frozen, None)
+    requeue(opened, frozen, None)
+    again = run_tune(moved, trials=2)
+    assert again.started == 2
+    copies = [t for t in opened.get_trials() if t.user_attrs.get("requeued_from") == trial.number]
+    assert [t.state.name for t in copies][1:] == ["FAIL"] and copies[1].user_attrs["outcome"] == "duplicate"
+    assert copies[0].state.name in ("COMPLETE", "PRUNED")  # it ran (successive halving may stop it early)
+    assert frozen.params.items() <= copies[0].params.items() and not (out / "trials" / str(copies[1].number)).exists()
+    assert copies[1].number not in [r.number for r in again.trials]  # not in the report either
+    assert len([r for r in again.trials if r.state in ("complete", "pruned")]) == 5
+
+
+# ---------------------------------------------------------------- honest selection: the held-out test split
+
+
+@pytest.fixture(scope="module")
+def held_out_study(tiny_llama_dir, data_file, tmp_path_factory):
+    """Two trials on data that holds a test split out, then the final comparison with two seeds and the baselines."""
+    out = tmp_path_factory.mktemp("held-out") / "study"
+    base = _base(tiny_llama_dir, data_file, **{"data.test_split": 0.2, "train.epochs": 1})
+    spec = load_tune(out, base, space_args=["lora.r=4,8", "train.max_steps=4", "lora.coverage=attention"],
+                     pruner="none", lr_steps=5)
+    searched = run_tune(spec, trials=2)
+    return spec, searched
+
+
+def test_the_best_trial_is_scored_on_the_test_split_no_trial_saw(held_out_study):
+    from loralab.data import load_all_splits
+
+    spec, result = held_out_study
+    splits = load_all_splits(spec.base.data, "CAUSAL_LM")
+    held_out = {e.prompt for e in splits.test}
+    assert len(held_out) == 5 and not held_out & {e.prompt for e in [*splits.train, *splits.eval]}
+    best = spec.output / "trials" / str(result.best.number)
+    saved = json.loads((best / "eval_test.json").read_text())
+    assert saved["split"] == "test" and saved["adapter"]["n"] == 5 and result.best_test["adapter"] == saved["adapter"]
+    assert {row["prompt"] for row in map(json.loads, (best / "predictions_test.jsonl").read_text().splitlines())} == held_out
+    for record in result.trials:  # what the search saw: eval-split evaluations only
+        history = (spec.output / "trials" / str(record.number) / "metrics.jsonl").read_text()
+        assert all(prompt not in history for prompt in held_out)
+    report = (spec.output / "report.md").read_text()
+    assert f"## Held-out test split: trial {result.best.number}" in report
+    assert f"| best trial | {saved['adapter']['exact_match']:.3f} | {saved['adapter']['rouge_l']:.3f} |" in report
+
+
+def test_seeds_and_baselines_train_the_final_comparison(held_out_study):
+    """`tune --output DIR --seeds 1,2 --baselines` (no new trials): best.yaml, loralab's defaults and the usual
+    recipe, each trained with both seeds, mean ± sd on the test split, in DIR/final and in the report."""
+    spec, result = held_out_study
+    code, output = run_cli("tune", "--output", spec.output, "--seeds", "1,2", "--baselines", "--skip-checks")
+    assert code == 0, output
+    final = spec.output / "final"
+    names = [f"{cell}_seed-{seed}" for cell in ("tuned", "defaults", "usual-recipe") for seed in (1, 2)]
+    assert sorted(p.name for p in final.iterdir() if (p / "summary.json").is_file()) == sorted(names)
+    best = load_config(spec.output / "best.yaml")
+    for name in names:
+        config = load_config(final / name / "config.yaml")
+        assert config.train.seed == int(name[-1]) and (final / name / "eval_test.json").is_file()
+        if name.startswith("tuned"):
+            assert config.lora == best.lora and config.train.learning_rate == best.train.learning_rate
+        elif name.startswith("defaults"):
+            assert config.lora == spec.base.lora and config.train.epochs == spec.base.train.epochs
+        else:
+            assert (config.lora.r, config.lora.alpha, config.train.learning_rate, config.train.epochs) == (16, 32, 2e-4, 3)
+    rows = {r["cell"]: r for r in csv.DictReader((final / "comparison.csv").open())}
+    assert {rows[c]["n"] for c in ("tuned", "defaults", "usual-recipe")} == {"2"} and "test_exact_match_mean" in rows["tuned"]
+    report = (spec.output / "report.md").read_text()
+    assert "## Final comparison" in report and "| usual recipe (r 16, alpha 32, lr 2e-4, 3 epochs) | 2 of 2 |" in report
+    assert "Fewer than 3 seeds" in report and "held out of every trial" in report
+    chrf = [json.loads((final / n / "eval_test.json").read_text())["adapter"]["chrf"] for n in names[:2]]
+    assert f"{statistics.fmean(chrf):.1f} ± {statistics.stdev(chrf):.1f}" in report
+    assert "Final comparison" in output and "trials" in output
+    # again: finished runs are kept
+    stamps = {n: (final / n / "summary.json").stat().st_mtime_ns for n in names}
+    code, output = run_cli("tune", "--output", spec.output, "--seeds", "1,2", "--baselines", "--skip-checks")
+    assert code == 0 and stamps == {n: (final / n / "summary.json").stat().st_mtime_ns for n in names}, output
+
+
+def test_seeds_need_a_trial_first(tiny_llama_dir, data_file, tmp_path):
+    spec = load_tune(tmp_path / "t", _base(tiny_llama_dir, data_file))
+    with pytest.raises(ConfigError, match="has no trials yet to train the best of"):
+        run_tune(spec, seeds=[1, 2, 3])
+    code, output = run_cli("tune", "--output", tmp_path / "t", "--seeds", "1,x")
+    assert code == 1 and "'x' is not an integer seed" in output
+    assert not (tmp_path / "t").exists()

@@ -220,15 +220,18 @@ def load_classification_file(path: str | Path, cfg: DataConfig) -> tuple[list[Ex
 
 def evaluate_classifier(run_dir: str | Path, data_path: str | Path | None = None, limit: int | None = None,
                         checkpoint: str | int = "best", batch_size: int = 8, progress: bool = True,
-                        loaded: Any = None) -> dict[str, Any]:
-    """Predict the eval split (or every row of ``data_path``) with the base head and the trained head, and score both.
+                        loaded: Any = None, split: str = "eval") -> dict[str, Any]:
+    """Predict the eval split (``split="test"``: the held-out test split, into eval_test.json /
+    predictions_test.jsonl; or every row of ``data_path``) with the base head and the trained head, and score both.
 
     Writes ``eval.json`` (``{"task_type": "SEQ_CLS", "base": {accuracy, macro_f1, n}, "adapter": {...}, "n",
     "checkpoint", "data", "labels"}``) and ``predictions.jsonl`` (``row``, ``text``, ``reference``, ``base``,
     ``adapter`` and each prediction's probability); a file without labels gives predictions only (no eval.json).
     Returns eval.json's content with ``references`` (bool) and ``predictions`` (the rows of predictions.jsonl).
     """
-    from loralab.evaluation import _relative, eval_examples
+    from loralab.evaluation import _relative, check_split_choice, eval_examples, report_files
+
+    check_split_choice(split, data_path)
 
     if limit is not None and limit < 1:
         raise LoralabError(f"--limit must be at least 1, got {limit}")
@@ -240,7 +243,7 @@ def evaluate_classifier(run_dir: str | Path, data_path: str | Path | None = None
     if data_path is not None:
         examples, with_references = load_classification_file(data_path, config.data)
     else:
-        examples, with_references = eval_examples(config, "SEQ_CLS", run_dir), True
+        examples, with_references = eval_examples(config, "SEQ_CLS", run_dir, split), True
     examples = examples[:limit] if limit else examples
     run = loaded or load_classifier(run_dir, checkpoint)
     paths = RunPaths(Path(run_dir))
@@ -252,7 +255,7 @@ def evaluate_classifier(run_dir: str | Path, data_path: str | Path | None = None
     unseen = sorted(set(references) - set(labels)) if with_references else []
     if unseen:
         log.warning("labels %s of %s are not among the run's labels %s: those examples cannot be predicted right",
-                    unseen, data_path or "the eval split", labels)
+                    unseen, data_path or f"the {split} split", labels)
     predictions = [{"row": e.row, "text": e.prompt, "reference": e.response if with_references else None,
                     "base": b, "adapter": a, "base_probability": bp, "adapter_probability": ap}
                    for e, b, a, bp, ap in zip(examples, base, adapter, base_p, adapter_p)]
@@ -262,12 +265,14 @@ def evaluate_classifier(run_dir: str | Path, data_path: str | Path | None = None
         "adapter": classification_scores(adapter, references) if with_references else None,
         "n": len(examples),
         "checkpoint": _relative(run.adapter_path, paths.root),
-        "data": str(data_path) if data_path is not None else "eval split",
+        "data": str(data_path) if data_path is not None else f"{split} split",
+        "split": None if data_path is not None else split,
         "labels": labels,
     }
-    write_text_atomic(paths.predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    report_file, predictions_file = report_files(paths, split)
+    write_text_atomic(predictions_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     if with_references:
-        write_json_atomic(paths.eval_report, report)
+        write_json_atomic(report_file, report)
     return {**report, "references": with_references, "predictions": predictions}
 
 

@@ -121,7 +121,8 @@ def resolve_config(config: Optional[Path], data: Optional[str], model: Optional[
 
 def _quote_path(override: str) -> str:
     key, _, value = override.partition("=")
-    if key in ("model.name_or_path", "data.path", "data.eval_path") and value and not value.startswith(("'", '"')):
+    if key in ("model.name_or_path", "data.path", "data.eval_path", "data.test_path") and value \
+            and not value.startswith(("'", '"')):
         return f"{key}='{value}'" if "'" not in value else override
     return override
 
@@ -216,6 +217,11 @@ def _preflight() -> Any:
 # ---------------------------------------------------------------- eval, compare, generate, chat
 
 RunArg = typer.Argument(..., help="A run folder (runs/<name>).")
+RunOrAdapterArg = typer.Argument(None, help="A run folder (runs/<name>); or give --adapter PATH --model BASE.")
+AdapterOpt = typer.Option(None, "--adapter", help="Any PEFT adapter folder (made with loralab or not), instead of a "
+                          "run folder; with --model BASE.")
+BaseModelOpt = typer.Option(None, "--model", help="The base model of --adapter: alias, folder or hub id (default: "
+                            "the adapter's base_model_name_or_path).")
 CheckpointOpt = typer.Option("best", "--checkpoint", help="Adapter: best (the run's adapter), latest, or a step number.")
 PromptOpt = typer.Option(None, "--prompt", help="A prompt (repeatable).")
 PromptsFileOpt = typer.Option(None, "--prompts-file", help="One prompt per line, or a JSON / JSONL / CSV data file.")
@@ -235,10 +241,12 @@ def _settings(max_new_tokens: int, do_sample: bool, temperature: Optional[float]
                               top_p=top_p, num_beams=num_beams, batch_size=batch_size, seed=seed)
 
 
-def _load_run(run_dir: Path, checkpoint: str) -> Any:
-    """The run's model with its adapter, without transformers' weight-loading bar."""
-    from loralab.generation import load_run_model
-    return load_run_model(run_dir, checkpoint)
+def _load_run(run_dir: Optional[Path], checkpoint: str, adapter: Optional[Path] = None, model: Optional[str] = None,
+              allow_classifier: bool = False) -> Any:
+    """The run's model with its adapter (or any PEFT adapter on its base model)."""
+    from loralab.adapters import load_model_with_adapter
+    return load_model_with_adapter(run_dir, checkpoint, adapter=adapter, base_model=model,
+                                   allow_classifier=allow_classifier)
 
 
 def _prompts(run: Any, prompt: Optional[list[str]], prompts_file: Optional[Path]) -> list[Any]:
@@ -257,7 +265,7 @@ def _need_prompts(prompt: Optional[list[str]], prompts_file: Optional[Path]) -> 
 
 @app.command("eval")
 @handle_errors
-def eval_command(run_dir: Path = RunArg,
+def eval_command(run_dir: Optional[Path] = RunOrAdapterArg,
                  data: Optional[Path] = typer.Option(None, "--data", help="Every row of this file instead of the eval split."),
                  split: str = typer.Option("eval", "--split", help="eval (default) or test: the split held out by "
                                            "data.test_split / data.test_path (writes eval_test.json)."),
@@ -265,33 +273,47 @@ def eval_command(run_dir: Path = RunArg,
                  checkpoint: str = CheckpointOpt, show: int = typer.Option(3, "--show", min=0, help="Example answers to print."),
                  max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
                  top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
-                 batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt) -> None:
+                 batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt,
+                 adapter: Optional[Path] = AdapterOpt, model: Optional[str] = BaseModelOpt,
+                 output: Optional[Path] = typer.Option(None, "--output", help="With --adapter: the folder for eval.json "
+                                                       "and predictions.jsonl (default: eval-<adapter folder name>)."),
+                 general_text: Optional[Path] = typer.Option(None, "--general-text", help="Perplexity change on this "
+                                                             "text file ({text, lang} rows) instead of the bundled sample."),
+                 no_general_text: bool = typer.Option(False, "--no-general-text", help="Skip the general-text "
+                                                      "perplexity (what the adapter cost elsewhere).")) -> None:
     """Score base vs adapter answers on the run's eval split (or --split test); writes eval.json and predictions.jsonl."""
     from loralab.evaluation import evaluate_run
 
     settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
+    loaded = None
+    if adapter is not None or model is not None:  # any PEFT adapter: scored on --data, written to --output
+        if data is None:
+            raise LoralabError("--adapter has no run and no eval split: pass --data FILE (rows with reference answers)")
+        loaded = _load_run(run_dir, checkpoint, adapter, model)
+        run_dir = output or Path(f"eval-{Path(adapter or '.').resolve().name}")
     report = evaluate_run(run_dir, data_path=data, limit=limit, checkpoint=checkpoint, settings=settings, progress=True,
-                          split=split)
+                          split=split, loaded=loaded, general_text=False if no_general_text else general_text or True)
     print_eval(report, run_dir, show)
 
 
 @app.command()
 @handle_errors
-def compare(run_dir: Path = RunArg, prompt: Optional[list[str]] = PromptOpt, prompts_file: Optional[Path] = PromptsFileOpt,
+def compare(run_dir: Optional[Path] = RunOrAdapterArg, prompt: Optional[list[str]] = PromptOpt, prompts_file: Optional[Path] = PromptsFileOpt,
             checkpoint: str = CheckpointOpt, as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
             max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
             top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
-            batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt) -> None:
+            batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt,
+            adapter: Optional[Path] = AdapterOpt, model: Optional[str] = BaseModelOpt) -> None:
     """Base and adapter answers side by side for the given prompts."""
     import json
 
     from loralab.evaluation import compare_prompts
-    from loralab.generation import load_run_model
 
     _need_prompts(prompt, prompts_file)
     settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
-    run = load_run_model(run_dir, checkpoint, allow_classifier=True)  # a classifier compares predicted labels
-    rows = compare_prompts(run_dir, _prompts(run, prompt, prompts_file), settings, loaded=run)
+    run = _load_run(run_dir, checkpoint, adapter, model, allow_classifier=True)  # a classifier compares labels
+    rows = compare_prompts(run_dir or adapter, _prompts(run, prompt, prompts_file), settings, loaded=run)
+    run_dir = run_dir or adapter
     if as_json:
         typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
@@ -310,17 +332,18 @@ def compare(run_dir: Path = RunArg, prompt: Optional[list[str]] = PromptOpt, pro
 
 @app.command()
 @handle_errors
-def generate(run_dir: Path = RunArg, prompt: Optional[list[str]] = PromptOpt, prompts_file: Optional[Path] = PromptsFileOpt,
+def generate(run_dir: Optional[Path] = RunOrAdapterArg, prompt: Optional[list[str]] = PromptOpt, prompts_file: Optional[Path] = PromptsFileOpt,
              checkpoint: str = CheckpointOpt, base: bool = typer.Option(False, "--base", help="Answer with the base model."),
              max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
              top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
-             batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt) -> None:
+             batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt,
+             adapter: Optional[Path] = AdapterOpt, model: Optional[str] = BaseModelOpt) -> None:
     """Answer prompts with the adapter (one prompt: just the answer; several: each prompt, then its answer)."""
     from loralab.generation import generate_answers
 
     _need_prompts(prompt, prompts_file)
     settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
-    run = _load_run(run_dir, checkpoint)
+    run = _load_run(run_dir, checkpoint, adapter, model)
     prompts = _prompts(run, prompt, prompts_file)
     answers = generate_answers(run, prompts, settings, use_adapter=not base, progress=len(prompts) > batch_size)
     if len(prompts) == 1:
@@ -423,6 +446,10 @@ def tune(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, mode
                                                    "key=lo..hi[:log]; derived keys lora.alpha_ratio, lora.coverage."),
          lr_only: bool = typer.Option(False, "--lr-only", help="Only the learning-rate range test: plot and suggestion."),
          train_best: bool = typer.Option(False, "--train-best", help="Then train best.yaml into <output>/best."),
+         seeds: Optional[str] = typer.Option(None, "--seeds", help="Then train best.yaml once per seed (e.g. 1,2,3) into "
+                                             "<output>/final and report mean ± sd on the held-out test split."),
+         baselines: bool = typer.Option(False, "--baselines", help="With --seeds: also train loralab's defaults (the "
+                                        "base config) and the usual recipe (r 16, alpha 32, lr 2e-4, 3 epochs)."),
          storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage: a database URL or a journal "
                                                "file (default: <output>/optuna.journal)."),
          pruner: Optional[str] = typer.Option(None, "--pruner", help="hyperband (default), halving, median or none."),
@@ -435,6 +462,7 @@ def tune(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, mode
          skip_checks: bool = typer.Option(False, "--skip-checks", help="Do not run the preflight checks."),
          trust_remote_code: bool = TrustOpt) -> None:
     """Find r, alpha, learning rate, dropout, coverage and length for your data: range test, then a budgeted search."""
+    from loralab.sweeps import parse_seeds
     from loralab.tune import load_tune, parse_duration, progress_line, run_tune
 
     base = None
@@ -443,7 +471,8 @@ def tune(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, mode
     spec = load_tune(output, base, metric=metric, space_args=space or [], seed=seed, pruner=pruner,
                      eval_limit=eval_limit, lr_steps=lr_steps, storage=storage)
     seconds = parse_duration(budget) if budget is not None else None
-    result = run_tune(spec, budget_s=seconds, trials=trials, lr_only=lr_only, train_best=train_best, progress=True,
+    result = run_tune(spec, budget_s=seconds, trials=trials, lr_only=lr_only, train_best=train_best,
+                      seeds=parse_seeds(seeds), baselines=baselines, progress=True,
                       on_progress=lambda p: console.print(progress_line(p), highlight=False, markup=False),
                       preflight=None if skip_checks else _preflight(), keep_checkpoints=keep_checkpoints)
     print_tune(result)
@@ -484,18 +513,58 @@ def check(config: Optional[Path] = ConfigArg, data: Optional[str] = DataOpt, mod
 
 @app.command("export")
 @handle_errors
-def export(run_dir: Path = typer.Argument(..., help="A run folder made by loralab train."),
-           output: Path = typer.Option(..., "--output", help="Folder for the merged model."),
+def export(run_dir: Optional[Path] = typer.Argument(None, help="A run folder made by loralab train (or --adapter)."),
+           output: Path = typer.Option(..., "--output", help="hf: the folder for the merged model; gguf: FILE.gguf "
+                                       "(FILE.Modelfile and FILE.export_report.json go next to it)."),
+           fmt: str = typer.Option("hf", "--format", help="hf (safetensors model folder) or gguf (one file for "
+                                   "llama.cpp, Ollama, LM Studio)."),
+           quant: Optional[str] = typer.Option(None, "--quant", help="gguf: f16 (default), bf16, q8_0, q5_0 or q4_0."),
            checkpoint: str = typer.Option("best", "--checkpoint", help="best, latest or a step number."),
-           dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+           dtype: str = typer.Option("float32", "--dtype", help="hf: float32, bfloat16 or float16."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier loralab export in --output "
-                                          "(never a folder loralab did not export to)."),
+                                          "(never files loralab did not export)."),
+           llamacpp_check: Optional[bool] = typer.Option(None, "--llamacpp-check/--no-llamacpp-check", help="gguf: run "
+                                                         "the file with llama.cpp to check it (default: when "
+                                                         "llama-cpp-python is installed)."),
+           adapter: Optional[Path] = AdapterOpt, model: Optional[str] = BaseModelOpt,
            trust_remote_code: bool = TrustOpt) -> None:
-    """Merge the adapter into the base model and save a standalone safetensors model (+ tokenizer)."""
-    from loralab.export import export_merged
+    """Merge the adapter into its base, check the merged model against the adapter, and save it (safetensors or GGUF)."""
+    from loralab.cli_output import print_export, tensor_progress
+    from loralab.export import export_merged, read_report
 
-    folder = export_merged(run_dir, output, checkpoint=checkpoint, dtype=dtype, overwrite=overwrite)
-    console.print(f"merged model written to {folder} (loads with AutoModel...from_pretrained, no peft needed)")
+    if fmt not in ("hf", "gguf"):
+        raise LoralabError(f"--format must be hf or gguf, got {fmt!r}")
+    if fmt == "hf" and quant is not None:
+        raise LoralabError("--quant is for --format gguf; a safetensors export takes --dtype")
+    if fmt == "gguf" and dtype != "float32":
+        raise LoralabError("--dtype is for --format hf; a GGUF export takes --quant (f16, bf16, q8_0, q5_0, q4_0)")
+    if fmt == "hf":
+        folder = export_merged(run_dir, output, checkpoint=checkpoint, dtype=dtype, overwrite=overwrite,
+                               adapter=adapter, base_model=model)
+        report_path = folder / "export_report.json"
+        print_export(read_report(report_path) if report_path.is_file() else None, folder)
+        return
+    from loralab.export.gguf_export import export_gguf, sidecars
+
+    with tensor_progress() as on_tensor:
+        path = export_gguf(run_dir, output, quant=quant or "f16", checkpoint=checkpoint, overwrite=overwrite,
+                           adapter=adapter, base_model=model, llamacpp_check=llamacpp_check, on_tensor=on_tensor)
+    print_export(read_report(sidecars(path)["report"]), path)
+
+
+@app.command()
+@handle_errors
+def ui(runs: Path = typer.Option(Path("runs"), "--runs", help="Folder of run folders (or one run folder)."),
+       sweeps: Path = typer.Option(Path("sweeps"), "--sweeps", help="Folder of sweep folders."),
+       host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (default: this machine only)."),
+       port: int = typer.Option(8765, "--port", help="Port (0: any free one)."),
+       allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a --host other machines can reach; "
+                                         "the dashboard has no authentication.")) -> None:
+    """A local web dashboard: every run and sweep, loss curves, eval tables, predictions, compare on your prompts."""
+    from loralab.ui import serve
+
+    serve(runs, sweeps, host=host, port=port, allow_remote=allow_remote,
+          say=lambda text: err_console.print(escape(text), highlight=False, soft_wrap=True))
 
 
 def main() -> None:

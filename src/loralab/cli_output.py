@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -58,8 +59,14 @@ def print_classifier_eval(report: dict[str, Any], run_dir: Path, show: int) -> N
             examples.add_row(row["text"], *([row["reference"]] if report["references"] else []),
                              f"{row['base']} ({row['base_probability']:.2f})", f"{row['adapter']} ({row['adapter_probability']:.2f})")
         console.print(examples, markup=False)
-    written = "eval.json and predictions.jsonl" if report["references"] else "predictions.jsonl"
-    console.print(f"wrote {written} in {run_dir}", highlight=False)
+    console.print(f"wrote {_written(report)} in {run_dir}", highlight=False)
+
+
+def _written(report: dict[str, Any]) -> str:
+    """The files an evaluation wrote (the test split's are eval_test.json / predictions_test.jsonl)."""
+    report_file, predictions = (("eval_test.json", "predictions_test.jsonl") if report.get("split") == "test"
+                                else ("eval.json", "predictions.jsonl"))
+    return f"{report_file} and {predictions}" if report["references"] else predictions
 
 
 def print_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
@@ -67,6 +74,8 @@ def print_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
     if report.get("task_type") == "SEQ_CLS":
         return print_classifier_eval(report, run_dir, show)
     title = f"{run_dir}: {report['n']} examples ({report['data']}), checkpoint {report['checkpoint']}"
+    if report.get("turns"):
+        title += f"; {report['turns']}"
     if report["references"]:
         table = Table("metric", "base", "adapter", "change", title=title)
         for name, label in METRIC_LABELS.items():
@@ -76,14 +85,25 @@ def print_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
         console.print(table)
     else:
         console.print(f"{title}\n[yellow]no reference answers in {report['data']}: answers only, no scores[/]")
+    if report.get("general_text"):
+        print_general_text(report["general_text"])
     if show:
         examples = Table("prompt", *(["reference"] if report["references"] else []), "base", "adapter",
                          title=f"first {min(show, report['n'])} answers", show_lines=True)
         for row in report["predictions"][:show]:
             examples.add_row(row["prompt"], *([row["reference"]] if report["references"] else []), row["base"], row["adapter"])
         console.print(examples, markup=False)
-    written = "eval.json and predictions.jsonl" if report["references"] else "predictions.jsonl"
-    console.print(f"wrote {written} in {run_dir}", highlight=False)
+    console.print(f"wrote {_written(report)} in {run_dir}", highlight=False)
+
+
+def print_general_text(change: dict[str, Any]) -> None:
+    """Perplexity on general text, base vs adapter, overall and per language (what the adapter cost elsewhere)."""
+    table = Table("general text", "texts", "tokens", "base perplexity", "adapter perplexity", "change",
+                  title=f"what the adapter cost elsewhere: perplexity on {escape(change['file'])} (lower is better)")
+    for name, row in [("all", change), *change["languages"].items()]:
+        table.add_row(escape(name), str(row["texts"]), str(row["tokens"]), _ppl(row['base_perplexity']),
+                      _ppl(row['adapter_perplexity']), f"{row['change_percent']:+.1f}%")
+    console.print(table)
 
 
 def print_sweep(result: Any, retry_failed: bool = False) -> None:
@@ -104,18 +124,19 @@ def print_sweep(result: Any, retry_failed: bool = False) -> None:
     for column in ("run", "status", "this time", spec.metric, "reason"):
         table.add_column(column, overflow="fold")
     for outcome in result.runs:
-        best = " (best)" if outcome.run.name == result.best else ""
+        best = " (best)" if outcome.run.cell == result.best else ""
         table.add_row(outcome.run.name + best, outcome.status, outcome.action, _fmt(outcome.metric(spec.metric)),
                       outcome.reason or "", style="bold green" if best else ("red" if outcome.status == "failed" else None))
     console.print(table, markup=False)
     if result.best:
-        console.print(f"best run by {spec.metric}: {result.best}", highlight=False)
+        over = f"cell by mean {spec.metric} over seeds {', '.join(map(str, spec.seeds))}" if spec.seeds else f"run by {spec.metric}"
+        console.print(f"best {over}: {result.best}", highlight=False)
     console.print(f"wrote {', '.join(p.name for p in result.files.values())} in {result.sweep_dir}", highlight=False)
 
 
 def print_tune(result: Any) -> None:
     """The range test's suggestion, then every trial, the best one and the files written."""
-    from loralab.tune.report import label
+    from loralab.tune.report import held_out_sections, label
 
     test = result.range_test
     if test is not None:
@@ -144,6 +165,12 @@ def print_tune(result: Any) -> None:
                       f"loralab train {result.output / 'best.yaml'}", highlight=False, markup=False)
     if result.best_run is not None:
         console.print(f"trained the best config: {result.best_run.get('run')}", highlight=False, markup=False)
+    for title, header, rows, notes in held_out_sections(result):
+        held_out = Table(*header, title=title)
+        for row in rows:
+            held_out.add_row(*row)
+        console.print(held_out, markup=False)
+        console.print(" ".join(notes), highlight=False, markup=False)
     console.print(f"wrote {', '.join(p.name for p in result.files.values())} in {result.output}", highlight=False,
                   markup=False)
 
@@ -165,3 +192,76 @@ def print_checks(report: Any) -> None:
     warnings = len(report.warnings)
     verdict = (f"{len(report.failed)} failed" if report.failed else "nothing failed") + f", {warnings} warning{'s' * (warnings != 1)}"
     console.print(Text(verdict, style="bold red" if report.failed else "bold green"))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def print_export(report: dict[str, Any] | None, path: Path) -> None:
+    """What ``loralab export`` checked (max |logit difference|, greedy answers) and the files it wrote, with sizes."""
+    from rich.text import Text
+
+    if report is None:  # a classifier export (its own logits check)
+        console.print(f"merged model written to {path} (loads with AutoModel...from_pretrained, no peft needed)",
+                      markup=False, highlight=False)
+        return
+    what = report.get("quant") if report.get("format") == "gguf" else report.get("dtype")
+    table = Table(title=f"export {report['source']} -> {path} ({what})")
+    for column in ("check", "compared", "max |logit diff|", "tolerance", "greedy answers equal", "verdict"):
+        table.add_column(column, overflow="fold")
+    for check in report["checks"]:
+        verdict = {True: Text("pass", style="bold green"), False: Text("FAIL", style="bold red"),
+                   None: Text("reported")}[check["passed"]]
+        table.add_row(check["name"], f"{check['candidate']} vs {check['reference']}",
+                      f"{check['max_abs_logit_diff']:.3g}", "-" if check["tolerance"] is None else f"{check['tolerance']:.3g}",
+                      f"{check['greedy_agree']}/{check['n']}" + (f" ({check['near_ties']} parted at a near tie)"
+                                                                  if check.get("near_ties") else ""), verdict)
+    console.print(table)
+    prompts = report.get("prompts", {})
+    console.print(f"prompts: {prompts.get('n')} from the {prompts.get('source')}, up to {prompts.get('max_new_tokens')} "
+                  f"greedy tokens each; merged into {report['merged_into']}", markup=False, highlight=False)
+    llama = report.get("llama_cpp")
+    if llama and not llama.get("checked"):
+        console.print(f"llama.cpp check skipped: {llama.get('reason')}", markup=False, highlight=False, style="yellow")
+    elif llama and llama.get("tokenization"):
+        tok = llama["tokenization"]
+        console.print(f"llama.cpp tokenizes {tok['equal']}/{tok['texts']} texts (prompts, CJK) exactly like the "
+                      "model's tokenizer", markup=False, highlight=False)
+    folder = path if path.is_dir() else path.parent
+    files = Table("file", "size", title=f"written in {folder}")
+    for name, size in report.get("files", {}).items():
+        files.add_row(name, _size(size))
+    console.print(files, markup=False)
+    if report.get("format") == "gguf":
+        modelfile = path.with_name(path.name[: -len(".gguf")] + ".Modelfile")
+        console.print(f"Ollama: ollama create NAME -f {modelfile}    llama.cpp: llama-cli -m {path}", markup=False,
+                      highlight=False)
+    else:
+        console.print("loads with AutoModelForCausalLM.from_pretrained (no peft needed)", markup=False, highlight=False)
+
+
+def tensor_progress() -> Any:
+    """A context giving an ``on_tensor(done, total)`` callback that drives a progress bar on stderr."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    @contextlib.contextmanager
+    def bar() -> Any:
+        progress = Progress(TextColumn("writing tensors"), BarColumn(), MofNCompleteColumn(), console=err_console,
+                            transient=True)
+        task = progress.add_task("tensors", total=None)
+        with progress:
+            yield lambda done, total: progress.update(task, completed=done, total=total)
+
+    return bar()
+
+
+def _ppl(value: float | None) -> str:
+    """A perplexity for the table (None: exp() of the mean NLL overflowed, as for an untrained model)."""
+    return "overflow" if value is None else f"{value:.2f}"

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 
 from loralab.config import DataConfig, RunConfig
-from loralab.data import Example, detect_format, load_examples, load_splits, parse_rows, read_rows
+from loralab.data import Example, detect_format, load_all_splits, load_examples, parse_rows, read_rows
 from loralab.errors import DataError, LoralabError
 from loralab.generation import (
     GenerationSettings,
@@ -29,6 +29,7 @@ from loralab.fingerprints import verify_data, verify_split
 from loralab.formats import SHAREGPT_ROLES
 from loralab.readers import SUFFIXES
 from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
+from loralab.turns import each_answer
 
 
 # ---------------------------------------------------------------- which examples
@@ -92,21 +93,41 @@ def read_prompts(path: str | Path, cfg: DataConfig, task_type: str) -> list[Exam
     return prompts
 
 
-def eval_examples(config: RunConfig, task_type: str, run_dir: str | Path) -> list[Example]:
-    """The eval split training used: ``data.eval_path``, or the same seeded split of ``data.path``."""
+SPLITS = ("eval", "test")
+
+
+def eval_examples(config: RunConfig, task_type: str, run_dir: str | Path, split: str = "eval") -> Sequence[Example]:
+    """The eval split training used (``data.eval_path``, or the same seeded split of ``data.path``), or with
+    ``split="test"`` the test split it held out (``data.test_path``, or ``data.test_split`` of ``data.path``).
+
+    Refused when the files the split is rebuilt from changed since training, or the rebuilt rows differ from the
+    ones recorded in the run's data.json."""
+    if split not in SPLITS:
+        raise LoralabError(f"--split must be eval or test, got {split!r}")
     cfg = config.data
-    source = cfg.eval_path or cfg.path
-    if source and not Path(source).exists():
-        raise LoralabError(f"run {run_dir}: its data file {source} is not found from here; pass --data FILE")
-    if not cfg.eval_path and cfg.eval_split == 0:
-        raise LoralabError(f"run {run_dir} has no eval split (data.eval_split=0 and no data.eval_path); pass --data FILE")
+    own, share = (cfg.eval_path, cfg.eval_split) if split == "eval" else (cfg.test_path, cfg.test_split)
+    if not own and share == 0:
+        hint = ("train with data.test_split (e.g. 0.1) or data.test_path to hold one out" if split == "test"
+                else "pass --data FILE")
+        raise LoralabError(f"run {run_dir} has no {split} split (data.{split}_split=0 and no data.{split}_path); {hint}")
+    for source in (own, cfg.path if not own else None):  # files only: data.sources and hub: ids say it when read
+        if source and not source.startswith("hub:") and not Path(source).exists():
+            raise LoralabError(f"run {run_dir}: its data file {source} is not found from here; pass --data FILE")
     record = RunPaths(Path(run_dir)).data_fingerprint
-    verify_data(record, cfg, f"rebuild the eval split of run {run_dir}", for_eval=True)
-    if cfg.eval_path:
-        return load_examples(cfg, task_type, cfg.eval_path)
-    held_out = load_splits(cfg, task_type)[1]
-    verify_split(record, held_out)
+    verify_data(record, cfg, f"rebuild the {split} split of run {run_dir}", split=split)
+    if own:
+        return load_examples(cfg, task_type, own)
+    held_out = getattr(load_all_splits(cfg, task_type), split)
+    verify_split(record, held_out, split)
     return held_out
+
+
+def test_examples(config: RunConfig, task_type: str, run_dir: str | Path) -> Sequence[Example]:
+    """The test split a run held out from training, checkpoint choice, early stopping and searches."""
+    return eval_examples(config, task_type, run_dir, split="test")
+
+
+test_examples.__test__ = False  # not a pytest test where a test module imports it
 
 
 # ---------------------------------------------------------------- scoring
@@ -129,6 +150,8 @@ def prediction_rows(examples: Sequence[Example], base: list[str], adapter: list[
                                "base": base_answer, "adapter": adapter_answer}
         if example.messages:
             row["messages"] = example.messages
+        if example.turn is not None:
+            row["turn"] = example.turn
         if with_references:
             row["base_scores"] = score_pair(base_answer, example.response)
             row["adapter_scores"] = score_pair(adapter_answer, example.response)
@@ -138,23 +161,32 @@ def prediction_rows(examples: Sequence[Example], base: list[str], adapter: list[
 
 def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit: int | None = None,
                  checkpoint: str | int = "best", settings: GenerationSettings | None = None,
-                 progress: bool = True, loaded: LoadedRun | None = None) -> dict[str, Any]:
-    """Answer the eval split (or every row of ``data_path``) with the base model and the adapter, and score both.
+                 progress: bool = True, loaded: LoadedRun | None = None, split: str = "eval",
+                 general_text: str | Path | bool = True) -> dict[str, Any]:
+    """Answer the eval split (``split="test"``: the held-out test split; or every row of ``data_path``) with the
+    base model and the adapter, and score both; ``general_text`` adds the perplexity change on a general-text sample
+    (True: the bundled one, a path: that file, False: not measured; ``loralab.forgetting``) as ``general_text``.
 
-    Writes ``eval.json`` (``{"base": {exact_match, rouge_l, chrf, bleu, n}, "adapter": {...}, ...}``) and
-    ``predictions.jsonl``; a data file without reference answers gives answers only (no scores, no eval.json).
+    Writes ``eval.json`` (``{"base": {exact_match, rouge_l, chrf, bleu, n}, "adapter": {...}, "split", ...}``) and
+    ``predictions.jsonl`` (the test split: ``eval_test.json`` and ``predictions_test.jsonl``); a data file without
+    reference answers gives answers only (no scores, no eval.json).
     Returns eval.json's content with ``references`` (bool) and ``predictions`` (the rows of predictions.jsonl).
     ``loaded``: a run already in memory (then ``checkpoint`` is not used).
     A SEQ_CLS run is scored by its predicted labels instead (``loralab.classification.evaluate_classifier``).
     """
     from loralab.classification import evaluate_classifier, run_task_type
 
+    check_split_choice(split, data_path)
     if run_task_type(run_dir, loaded) == "SEQ_CLS":
         return evaluate_classifier(run_dir, data_path, limit, checkpoint, (settings or GenerationSettings()).batch_size,
-                                   progress, loaded)
+                                   progress, loaded, split=split)
     if limit is not None and limit < 1:
         raise LoralabError(f"--limit must be at least 1, got {limit}")
     settings = settings or GenerationSettings()
+    if not isinstance(general_text, bool):  # a bad general-text file fails before any weights load
+        from loralab.forgetting import read_general_text
+
+        read_general_text(general_text)
     if loaded is None:  # fail on a bad run, checkpoint or data file before loading any weights
         resolve_adapter(run_dir, str(checkpoint))
         config = load_run_config(run_dir)
@@ -164,7 +196,10 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit
     if data_path is not None:
         examples, with_references = load_prompts_file(data_path, config.data, task_type)
     else:
-        examples, with_references = eval_examples(config, task_type, run_dir), True
+        examples, with_references = eval_examples(config, task_type, run_dir, split), True
+    conversations = 0
+    if with_references:  # a conversation: each assistant turn scored, given the history before it
+        examples, conversations = each_answer(examples)
     examples = examples[:limit] if limit else examples
     run = loaded or load_run_model(run_dir, checkpoint)
     paths = RunPaths(Path(run_dir))
@@ -178,13 +213,37 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit
         "adapter": score_corpus(adapter, references) if with_references else None,
         "n": len(examples),
         "checkpoint": _relative(run.adapter_path, paths.root),
-        "data": str(data_path) if data_path is not None else "eval split",
+        "data": str(data_path) if data_path is not None else f"{split} split",
+        "split": None if data_path is not None else split,
         "generation": settings.to_dict(),
     }
-    write_text_atomic(paths.predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    if conversations:
+        report["turns"] = (f"each assistant turn scored given the history before it: {conversations} conversations "
+                           "with several answers")
+    if general_text is not False:  # what the adapter cost elsewhere
+        from loralab.forgetting import general_text_change
+
+        report["general_text"] = general_text_change(run, None if general_text is True else general_text)
+    report_file, predictions_file = report_files(paths, split)
+    write_text_atomic(predictions_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     if with_references:
-        write_json_atomic(paths.eval_report, report)
+        write_json_atomic(report_file, report)
     return {**report, "references": with_references, "predictions": predictions}
+
+
+def check_split_choice(split: str, data_path: str | Path | None) -> None:
+    if split not in SPLITS:
+        raise LoralabError(f"--split must be eval or test, got {split!r}")
+    if split != "eval" and data_path is not None:
+        raise LoralabError(f"--split {split} and --data both name what to evaluate; pass one of them")
+
+
+def report_files(paths: RunPaths, split: str) -> tuple[Path, Path]:
+    """Where an evaluation's report and predictions go: eval.json / predictions.jsonl, or for the test split
+    eval_test.json / predictions_test.jsonl (kept apart so that nothing choosing between runs reads test scores)."""
+    if split == "test":
+        return paths.test_eval_report, paths.test_predictions
+    return paths.eval_report, paths.predictions
 
 
 def _relative(path: Path | None, root: Path) -> str | None:

@@ -23,8 +23,8 @@ class Example:
     """One validated row: the conversation before the answer, the answer, and where it came from.
 
     A conversation's earlier assistant turns are in ``messages`` (supervised too unless ``data.train_on: last_turn``);
-    ``prompt`` / ``response`` are its last user turn and last answer (what generation and eval use; eval scoring each
-    assistant turn given the history before it is still to do: it scores the last one).
+    ``prompt`` / ``response`` are its last user turn and last answer (what generation uses; eval scores each
+    assistant turn given the history before it: ``loralab.turns.answer_turns``).
     """
 
     prompt: str  # the last user turn (what a person would call the question)
@@ -32,10 +32,17 @@ class Example:
     row: int
     messages: list[dict[str, str]] = field(default_factory=list)  # chat context before the answer
     raw_text: bool = False  # data.format text: a document, every token supervised
+    source: int | None = None  # the index of its source in data.sources (None: one data file)
+    turn: int | None = None  # eval: which assistant turn of its conversation this answer is (1-based)
+
+
+def where(path: str) -> str:
+    """How errors name a source: ``data file PATH``, or ``dataset hub:ID (split ...)`` for a Hub dataset."""
+    return f"dataset {path}" if path.startswith("hub:") else f"data file {path}"
 
 
 def _row_error(path: str, row: int, message: str) -> DataError:
-    return DataError(f"data file {path}, row {row}: {message}" if path else f"row {row}: {message}")
+    return DataError(f"{where(path)}, row {row}: {message}" if path else f"row {row}: {message}")
 
 
 def _is_missing(value: Any) -> bool:
@@ -69,18 +76,29 @@ def row_format(record: Any, cfg: DataConfig, path: str = "", row: int = 0) -> st
 def detect_format(rows: list[tuple[int, Any]], cfg: DataConfig, path: str = "") -> str:
     """``data.format``, or the one format every row shows (pairs when none shows one: the errors then name the
     missing fields). Rows of two formats in one file are an error naming the first row of the second one."""
-    if cfg.format != "auto":
-        return cfg.format
-    found: dict[str, int] = {}
-    for row, record in rows:
-        fmt = row_format(record, cfg, path, row)
-        if fmt is not None and fmt not in found:
-            found[fmt] = row
-            if len(found) > 1:
-                (first, first_row), (second, _) = found.items()
-                raise _row_error(path, row, f"mixed formats: this row is {second} but row {first_row} is {first}; "
-                                            "use one format per file (or set data.format)")
-    return next(iter(found), "pairs")
+    return FormatStream(cfg, path).update(rows)
+
+
+class FormatStream:
+    """``detect_format`` over rows read chunk by chunk: the format the rows so far show, and the mixed-formats error
+    at the first row of a second format, in whichever chunk it comes."""
+
+    def __init__(self, cfg: DataConfig, path: str = ""):
+        self.cfg, self.path = cfg, path
+        self.found: dict[str, int] = {}
+
+    def update(self, rows: list[tuple[int, Any]]) -> str:
+        if self.cfg.format != "auto":
+            return self.cfg.format
+        for row, record in rows:
+            fmt = row_format(record, self.cfg, self.path, row)
+            if fmt is not None and fmt not in self.found:
+                self.found[fmt] = row
+                if len(self.found) > 1:
+                    (first, first_row), (second, _) = self.found.items()
+                    raise _row_error(self.path, row, f"mixed formats: this row is {second} but row {first_row} is "
+                                                     f"{first}; use one format per file (or set data.format)")
+        return next(iter(self.found), "pairs")
 
 
 # ---------------------------------------------------------------- validating rows
@@ -101,11 +119,12 @@ def _text_field(record: dict, name: str, path: str, row: int, expected: list[str
     return value
 
 
-def parse_rows(rows: list[tuple[int, Any]], cfg: DataConfig, path: str, task_type: str) -> list[Example]:
-    """Validate raw rows into Examples according to the data format."""
-    fmt = detect_format(rows, cfg, path) if task_type != "SEQ_CLS" else "pairs"
+def parse_rows(rows: list[tuple[int, Any]], cfg: DataConfig, path: str, task_type: str,
+               fmt: str | None = None) -> list[Example]:
+    """Validate raw rows into Examples according to the data format (``fmt``: already detected)."""
+    fmt = "pairs" if task_type == "SEQ_CLS" else fmt or detect_format(rows, cfg, path)
     if fmt == "text" and task_type != "CAUSAL_LM":
-        raise DataError(f"data file {path}: raw text (data.format text) trains causal LMs only, not {task_type}")
+        raise DataError(f"{where(path)}: raw text (data.format text) trains causal LMs only, not {task_type}")
     examples = []
     for row, record in rows:
         if not isinstance(record, dict):

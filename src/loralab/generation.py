@@ -125,6 +125,9 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
     """
     from peft import PeftModel
 
+    from loralab.lora_init import loadable_adapter
+    from loralab.new_tokens import with_new_tokens
+
     adapter_path = resolve_adapter(run_dir, str(checkpoint))
     if not (adapter_path / "adapter_config.json").is_file():
         raise LoralabError(f"{adapter_path} holds no adapter (no adapter_config.json)")
@@ -135,18 +138,24 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
     if not (allow_classifier and task_type == "SEQ_CLS"):
         check_generative(task_type, run_dir)
     tokenizer = load_tokenizer(config.model, task_type)
-    model_cfg = config.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False}) if full_precision \
-        else config.model
+    # LoftQ's adapter makes up for the 4-bit quantization error: its full-precision base is the dequantized 4-bit one
+    loftq = full_precision and config.lora.init_lora_weights == "loftq"
+    model_cfg = config.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False}) \
+        if full_precision and not loftq else config.model
     if task_type == "SEQ_CLS":
         from loralab.classification import load_classifier_base
 
         base = load_classifier_base(run_dir, adapter_path, config, model_cfg, tokenizer)
     else:
         base = load_model(model_cfg, task_type)
+    if loftq:
+        base = base.dequantize()
     if task_type == "CAUSAL_LM" and base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    with_new_tokens(tokenizer, base, config.data.add_special_tokens)  # the run's new tokens, same ids, rows grown
     try:
-        model = PeftModel.from_pretrained(base, str(adapter_path))
+        with loadable_adapter(adapter_path, Path(run_dir)) as loadable:  # a PiSSA/OLoRA checkpoint: converted
+            model = PeftModel.from_pretrained(base, str(loadable))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise LoralabError(f"cannot load the adapter {adapter_path} onto {config.model.name_or_path!r}: {exc}") from None
     if torch.cuda.is_available() and not config.model.quantized:

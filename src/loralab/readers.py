@@ -1,8 +1,10 @@
 """Reading rows from data files: JSON, JSONL, CSV, TSV, Parquet and datasets saved with ``save_to_disk``.
 
 ``read_rows`` gives (number, record) pairs: the line where the record starts for JSONL, CSV and TSV, the 1-based row
-for the others. Text files are UTF-8 (a BOM is dropped; UTF-16 with a BOM is accepted too). Anything that cannot be
-read is a one-line ``DataError`` naming the file and, where one is at fault, the line or row.
+for the others. ``iter_rows`` gives the same pairs one at a time, streaming JSONL, Parquet and saved datasets (memory
+does not grow with the file; JSON arrays, CSV and TSV are parsed whole). Text files are UTF-8 (a BOM is dropped;
+UTF-16 with a BOM is accepted too). Anything that cannot be read is a one-line ``DataError`` naming the file and,
+where one is at fault, the line or row.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from loralab.errors import DataError
 
@@ -23,17 +25,28 @@ _CSV_FIELD_LIMIT = 2**31 - 1  # long documents in one cell are data, not an atta
 
 def read_rows(path: str | Path) -> Rows:
     """Rows of a JSON array, JSONL, CSV/TSV, Parquet file or saved HF dataset folder, each with its line/row number."""
+    return list(iter_rows(path))
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``read_rows`` one row at a time; JSONL, Parquet and saved dataset folders are read as they are consumed."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.is_dir():
-        return _read_hf_folder(path)
+        return _iter_hf_folder(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return _iter_parquet(path)
     if suffix not in SUFFIXES:
         raise DataError(f"data file {path}: unsupported extension {suffix!r}; "
                         "expected .json, .jsonl, .csv, .tsv, .parquet or a saved dataset folder")
+    if suffix == ".jsonl" and not _starts_with_utf16_bom(path):
+        return _iter_jsonl(path)
+    return iter(_read_whole(path, suffix))
+
+
+def _read_whole(path: Path, suffix: str) -> Rows:
     text = _read_text(path)
     if suffix == ".jsonl":
         return _read_jsonl(path, text)
@@ -89,6 +102,38 @@ def _read_json(path: Path, text: str) -> Rows:
     if not isinstance(data, list):
         raise DataError(f"data file {path}: expected a JSON array of objects, got a {type(data).__name__}")
     return [(i + 1, row) for i, row in enumerate(data)]
+
+
+def _starts_with_utf16_bom(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    except OSError as exc:
+        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``_read_jsonl`` line by line from the file (UTF-8, a leading BOM dropped), with the same errors."""
+    offset = 0
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+    with handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"data file {path}, line {line_number}: not UTF-8 text ({exc.reason} at byte "
+                                f"{offset + exc.start}); save the file as UTF-8") from None
+            offset += len(raw)
+            line = line.removesuffix("\n").removesuffix("\r")
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise _json_error(path, exc, line_number) from None
 
 
 def _read_jsonl(path: Path, text: str) -> Rows:
@@ -147,18 +192,39 @@ def _csv_header(path: Path, line: int, names: list[str]) -> list[str]:
     return names
 
 
-def _read_parquet(path: Path) -> Rows:
+BATCH_ROWS = 1000  # rows decoded at a time from Parquet files and datasets
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    def fail(exc: Exception) -> DataError:
+        return DataError(f"data file {path}: not a readable Parquet file ({_one_line(exc)})")
+
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise DataError(f"data file {path}: not a readable Parquet file ({_one_line(exc)})") from None
-    return [(i + 1, row) for i, row in enumerate(table.to_pylist())]
+        raise fail(exc) from None
+    row = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise fail(exc) from None
+        if batch is None:
+            return
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
 
 
-def _read_hf_folder(path: Path) -> Rows:
+def _iter_hf_folder(path: Path) -> Iterator[tuple[int, Any]]:
+    return iter_dataset(load_saved_dataset(path))
+
+
+def load_saved_dataset(path: Path) -> Any:
+    """A dataset folder written by ``save_to_disk`` (its ``train`` split for a DatasetDict), memory-mapped."""
     import datasets
 
     try:
@@ -169,4 +235,14 @@ def _read_hf_folder(path: Path) -> Rows:
         if "train" not in loaded:
             raise DataError(f"data folder {path}: dataset dict has splits {list(loaded)}, expected a 'train' split")
         loaded = loaded["train"]
-    return [(i + 1, row) for i, row in enumerate(loaded)]
+    return loaded
+
+
+def iter_dataset(dataset: Any) -> Iterator[tuple[int, Any]]:
+    """The rows of a ``datasets.Dataset`` as (1-based row, record), decoded a batch at a time."""
+    row = 0
+    for batch in dataset.iter(batch_size=BATCH_ROWS):
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names)):
+            row += 1
+            yield row, dict(zip(names, values))

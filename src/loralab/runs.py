@@ -52,13 +52,32 @@ class RunPaths:
         return self.root / "predictions.jsonl"
 
     @property
+    def test_eval_report(self) -> Path:
+        return self.root / "eval_test.json"  # `loralab eval --split test`: apart, so nothing ranks runs by it
+
+    @property
+    def test_predictions(self) -> Path:
+        return self.root / "predictions_test.jsonl"
+
+    @property
     def data_fingerprint(self) -> Path:
         return self.root / "data.json"
+
+    @property
+    def checks_report(self) -> Path:
+        return self.root / "checks.json"  # the preflight checks' report, written when training starts
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"  # event files of train.report_to: [tensorboard]
 
 
 # Everything loralab writes in a run folder (plus dot-files: its own atomic-write temporaries).
 RUN_ENTRIES = {"config.yaml", "adapter", "checkpoints", "metrics.jsonl", "summary.json", "eval.json", "predictions.jsonl",
-               "data.json", "answers.json"}  # answers.json: a sweep's side-by-side answers
+               "eval_test.json", "predictions_test.jsonl",
+               "data.json", "answers.json",  # answers.json: a sweep's side-by-side answers
+               "checks.json", "tensorboard",
+               "adapter_init.safetensors"}  # the initial adapter of a PiSSA / OLoRA / CorDA run (loralab.lora_init)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -141,6 +160,7 @@ def comparable_config(config: RunConfig) -> dict[str, Any]:
     """A run's config without the keys that may differ between attempts at the same run."""
     data = config.model_dump(mode="json")
     data["train"].pop("resume", None)
+    data["train"].pop("report_to", None)  # where the curves are also sent, not what is trained
     data.pop("output_dir", None)
     return data
 
@@ -183,7 +203,9 @@ def is_run_folder(folder: Path) -> bool:
 
 def _never_started(paths: RunPaths) -> bool:
     return paths.config.is_file() and {p.name for p in paths.root.iterdir() if not is_loralab_temporary(p.name)} \
-        <= {"config.yaml", "checkpoints", "data.json", "metrics.jsonl"} and not list_checkpoints(paths.root)
+        <= {"config.yaml", "checkpoints", "data.json", "metrics.jsonl", "checks.json", "tensorboard",
+            "adapter_init.safetensors"} \
+        and not list_checkpoints(paths.root)
 
 
 def run_is_finished(root: Path) -> bool:

@@ -21,8 +21,10 @@ from torch import nn
 from loralab.data import IGNORE_INDEX
 
 # Causal LMs known to honour the restarting position ids of packed rows (``PackingCollator``); packing is used only
-# for these. The supervised-logits loss does not need this list (``supervised_logits_exact``).
-PACKING_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "smollm3", "olmo2", "phi3", "gemma"}
+# for these. The supervised-logits loss does not need this list (``supervised_logits_exact``). Gemma 3: transformers
+# builds both its full and its sliding-window masks per packed example (window measured in each example's own
+# positions); tests/test_gemma.py checks loss and gradients against padded batches.
+PACKING_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "smollm3", "olmo2", "phi3", "gemma", "gemma3_text"}
 
 
 def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:

@@ -19,6 +19,7 @@ from loralab.metrics import HIGHER_IS_BETTER
 from loralab.precision import model_type_of, resolve_precision
 from loralab.runs import RunPaths
 from loralab.speed import supervised_lm_loss
+from loralab.tracking import attach_trackers, check_trackers, offline_defaults
 
 if TYPE_CHECKING:
     from loralab.training import Session
@@ -113,7 +114,8 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        report_to=check_trackers(train.report_to) or "none",  # the Trainer's integrations (loralab.tracking)
+        run_name=paths.root.name,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         remove_unused_columns=False,
         label_names=["labels"],
@@ -124,6 +126,27 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step: no extra graph traversal
         **interval,
     )
+
+
+class LoraPlusOptimizer:
+    """LoRA+ (``train.loraplus_lr_ratio``): the optimizer of ``train.optim`` built by peft's
+    ``create_loraplus_optimizer``: LoRA's B matrices and every trained 1-D tensor (biases, norms, DoRA magnitudes) at
+    ``learning_rate`` x the ratio, the rest (A matrices, LoRA on embeddings, new token rows) at ``learning_rate``."""
+
+    loraplus_lr_ratio: float
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        trainer: Any = self  # a mixin of the Trainer
+        if trainer.optimizer is None:
+            from peft.optimizers import create_loraplus_optimizer
+
+            opt_model = trainer.model if model is None else model
+            optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, opt_model)
+            trainer.optimizer = create_loraplus_optimizer(
+                opt_model, optimizer_cls, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                loraplus_weight_decay=trainer.args.weight_decay, loraplus_lr_embedding=trainer.args.learning_rate,
+                **kwargs)
+        return trainer.optimizer
 
 
 def uses_supervised_logits(session: Session) -> bool:
@@ -177,7 +200,9 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
         cls = Seq2SeqTrainer
     elif uses_supervised_logits(session):
         cls = SupervisedLogitsTrainer
-    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, cls), {})
+    ratio = session.config.train.loraplus_lr_ratio
+    extra = (LoraPlusOptimizer,) if ratio else ()
+    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, *extra, cls), {"loraplus_lr_ratio": ratio})
     stopping: list[Any] = []
     if session.config.train.early_stopping_patience:
         if not has_eval:
@@ -187,7 +212,8 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
 
         # last, so that it sees the generation metrics of train.eval_generate (added to the eval metrics before it)
         stopping.append(EarlyStoppingCallback(early_stopping_patience=session.config.train.early_stopping_patience))
-    return guarded(
+    offline_defaults(session.config.train.report_to)
+    trainer = guarded(
         model=session.model,
         args=args,
         train_dataset=session.data.train,
@@ -197,3 +223,5 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
         callbacks=[MetricsFileCallback(paths.metrics), DivergenceGuard(), ShareableCheckpoints(), *(callbacks or []),
                    *stopping],
     )
+    attach_trackers(trainer, session.config, paths)  # TensorBoard into the run folder; config and summary as params
+    return trainer

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils.data import DataLoader
 
 from loralab.config import RunConfig
 from loralab.data import PreparedData, make_collator, prepare_data
+from loralab.new_tokens import add_special_tokens, grow_embeddings
 from loralab.engines import check_engines
 from loralab.errors import LoralabError
+from loralab.init_from import continue_from
+from loralab.lora_init import build_adapter, convert_to_plain_lora, write_initial_adapter
 from loralab.models import (
     TargetReport,
-    apply_lora,
     load_model,
     load_tokenizer,
     parameter_counts,
@@ -36,6 +39,7 @@ from loralab.guards import GracefulInterrupt, TrainingDiverged, TrainingInterrup
 from loralab.precision import (FP16_OVERFLOW_TYPES, autocast, cpu_supports_bf16, gpu_precision,  # noqa: F401
                                model_type_of, resolve_precision)
 from loralab.runs import RunFolder, trim_metrics, write_json_atomic, written_into_place
+from loralab.tracking import log_summary
 from loralab.speed import PackingCollator, cast_frozen_weights, supports_packing, use_fast_dropout
 from loralab.trainer import (MetricsFileCallback, SupervisedLogitsTrainer, build_trainer, check_optimizer,  # noqa: F401
                              checkpoint_interval, sharding_arguments, training_arguments, uses_supervised_logits)
@@ -58,6 +62,7 @@ class Session:
     targets: TargetReport
     collator: Any
     notes: list[str] = field(default_factory=list)
+    initial_adapter: dict[str, Any] | None = None  # A0 / B0 of a residual initialisation (PiSSA, OLoRA, CorDA)
 
 
 def load_tokenizer_and_data(config: RunConfig) -> tuple[str, Any, PreparedData]:
@@ -65,12 +70,15 @@ def load_tokenizer_and_data(config: RunConfig) -> tuple[str, Any, PreparedData]:
     task_type = resolve_task_type(config)
     tokenizer = load_tokenizer(config.model, task_type)
     tokenizer.padding_side = "right"  # training pads on the right; generation switches to left
+    add_special_tokens(tokenizer, config.data.add_special_tokens)  # before tokenizing: the data may use them
     data = prepare_data(config.data, tokenizer, task_type)
     return task_type, tokenizer, data
 
 
-def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = None) -> Session:
-    """Load tokenizer and data first (fast failures), then the model, then apply LoRA."""
+def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = None, *,
+          resume_from: Path | None = None, progress: bool = True) -> Session:
+    """Load tokenizer and data first (fast failures), then the model, then apply LoRA (initialised as
+    ``lora.init_lora_weights`` / ``lora.init_from`` say; ``resume_from``: the checkpoint a resume continues from)."""
     task_type, tokenizer, data = prepared or load_tokenizer_and_data(config)
     num_labels = len(data.label_ids) if data.label_ids else None  # ids are 0..n-1 (data.label_vocabulary)
     check_engines(config, task_type)
@@ -89,14 +97,24 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     if uses_gradient_checkpointing(config):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model, targets = apply_lora(model, config.lora, task_type)
+    token_ids = add_special_tokens(tokenizer, config.data.add_special_tokens)
+    if token_ids:
+        grow_embeddings(model, tokenizer)  # new tokens get rows; only theirs train (trainable_token_indices)
+    collate = make_collator(tokenizer, task_type, model)
+    calibration = lambda size: DataLoader(data.train, batch_size=size,  # noqa: E731 (the data passes of EVA, CorDA)
+                                          collate_fn=lambda rows: dict(collate(rows)))
+    peft_model, targets, initial = build_adapter(model, config, task_type, calibration=calibration,
+                                                 token_ids=token_ids, resume_from=resume_from, progress=progress)
+    if config.lora.init_from and resume_from is None:  # a resume loads its checkpoint's weights instead
+        continue_from(peft_model, config.lora.init_from, config)
     precision = resolve_precision(config.train.precision, model_type_of(model))
     if precision == "bf16" and not config.model.quantized:
         cast_frozen_weights(peft_model, torch.bfloat16)
     if precision in ("bf16", "fp16"):
         trainable_to_fp32(peft_model)  # LoRA weights and modules_to_save copies in fp32, also from a bf16 base
     use_fast_dropout(peft_model)
-    return Session(config, task_type, tokenizer, data, peft_model, targets, build_collator(config, task_type, tokenizer, peft_model))
+    return Session(config, task_type, tokenizer, data, peft_model, targets,
+                   build_collator(config, task_type, tokenizer, peft_model), initial_adapter=initial)
 
 
 def uses_gradient_checkpointing(config: RunConfig) -> bool:
@@ -116,11 +134,14 @@ def build_collator(config: RunConfig, task_type: str, tokenizer: Any, model: Any
 
 
 def save_adapter(model: Any, tokenizer: Any, target: Path, label_ids: dict[str, int] | None = None,
-                 state_dict: dict[str, Any] | None = None) -> None:
+                 state_dict: dict[str, Any] | None = None, initial: dict[str, Any] | None = None) -> None:
     """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors, + labels.json for a
-    classifier) into a staging folder, then move it into place atomically."""
+    classifier) into a staging folder, then move it into place atomically. ``initial``: the initial adapter of a
+    residual initialisation (PiSSA, OLoRA, CorDA): the adapter is converted to a plain LoRA for the original base."""
     with written_into_place(target) as staging:
         model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        if initial is not None:
+            convert_to_plain_lora(Path(staging), initial)
         tokenizer.save_pretrained(staging)
         if label_ids:
             from loralab.classification import save_labels
@@ -187,16 +208,18 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bo
     if folder.mode == "resume":
         verify_data(paths.data_fingerprint, config.data, f"resume {paths.root}")
     set_seed(config.train.seed)
-    session = setup(config, prepared)
+    found = complete_checkpoints(paths.root) if folder.mode == "resume" else []
+    session = setup(config, prepared, resume_from=found[-1] if found else None, progress=progress)
     counts = parameter_counts(session.model)
     log.info("%s: %s, %d train / %d eval examples, %d trainable of %d parameters (%.3f%%)",
              paths.root, session.task_type, len(session.data.train), len(session.data.eval or []),
              counts["trainable_params"], counts["total_params"], counts["trainable_percent"])
-    if preflight is not None:
-        preflight(session)
+    checks = preflight(session) if preflight is not None else None  # loralab's checks return their report
 
     if main:
         folder.open()  # only now is an overwritten run set aside
+        if hasattr(checks, "to_dict"):  # the preflight report, for `loralab ui` and later reading
+            write_json_atomic(paths.checks_report, checks.to_dict())
     try:
         summary = _train_session(session, folder, counts, progress, callbacks or [])
     except BaseException as exc:
@@ -224,6 +247,8 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
             paths.metrics.unlink(missing_ok=True)
             write_json_atomic(paths.data_fingerprint, data_record(config.data, session.data.train_examples,
                                                                   session.data.eval_examples, session.data.test_examples))
+            if session.initial_adapter is not None:  # a resume and a checkpoint's conversion need it
+                write_initial_adapter(paths.root, session.initial_adapter, str(config.lora.init_lora_weights))
     barrier()
     if not main and folder.mode == "resume":
         found = complete_checkpoints(paths.root)  # rank 0 has set the torn ones aside
@@ -265,11 +290,12 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
         raise TrainingDiverged(f"training diverged: {what}; lower train.learning_rate. No adapter was written",
                                trainer.state.global_step)
     # sharded weights (FSDP / ZeRO-3) are gathered by every process; then one writes them
-    state_dict = trainer.accelerator.get_state_dict(trainer.model) if config.train.fsdp != "off" or config.train.deepspeed \
+    sharded = trainer.model_wrapped if config.train.deepspeed else trainer.model  # ZeRO-3 gathers through its engine
+    state_dict = trainer.accelerator.get_state_dict(sharded) if config.train.fsdp != "off" or config.train.deepspeed \
         else None
     if main:  # SEQ_CLS: the class names (in id order) go with the adapter as adapter/labels.json
         save_adapter(session.model, session.tokenizer, paths.adapter, label_ids=session.data.label_ids,
-                     state_dict=state_dict)
+                     state_dict=state_dict, initial=session.initial_adapter)
     history = trainer.state.log_history
     best = trainer.state.best_model_checkpoint
     metric = config.train.metric_for_best_model
@@ -312,4 +338,5 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
     }
     if main:
         write_json_atomic(paths.summary, summary)
+        log_summary(trainer, summary)  # to the trackers of train.report_to, as parameters
     return summary

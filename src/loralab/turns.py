@@ -16,7 +16,7 @@ Each earlier assistant turn is found in it the same way:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from loralab.config import DataConfig
 from loralab.formats import Example
@@ -146,3 +146,32 @@ def conversation_turns(tokenizer: Any, example: Example, cfg: DataConfig) -> Tur
 
     Only for examples rendered with a chat template (``uses_chat_template``)."""
     return incremental_turns(tokenizer, example, cfg) or marker_turns(tokenizer, example, cfg)
+
+
+def answer_turns(example: Example) -> list[Example]:
+    """Each assistant answer of a conversation as an example of its own: the history before it as context, the
+    answer as reference, ``turn`` its place among the conversation's answers (1-based); an example without earlier
+    answers as it is. An answer that no user turn precedes is left out (nothing asked it)."""
+    if not has_history(example):
+        return [example]
+    messages = [*example.messages, {"role": "assistant", "content": example.response}]
+    found, answers = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        answers += 1
+        users = [m["content"] for m in messages[:i] if m["role"] == "user"]
+        if users:
+            found.append(Example(prompt=users[-1], response=message["content"], row=example.row,
+                                 messages=[dict(m) for m in messages[:i]], source=example.source, turn=answers))
+    return found
+
+
+def each_answer(examples: Sequence[Example]) -> tuple[list[Example], int]:
+    """Every assistant answer of the examples (``answer_turns``) and how many conversations gave several."""
+    answers, several = [], 0
+    for example in examples:
+        turns = answer_turns(example)
+        several += len(turns) > 1
+        answers.extend(turns)
+    return answers, several

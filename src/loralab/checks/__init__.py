@@ -95,8 +95,9 @@ def run_checks(config: RunConfig, show: int = 0, include_cost: bool = True, debu
     return CheckReport(results, examples=examples, seconds=time.perf_counter() - started, session=session)
 
 
-def fast_preflight(session: Any) -> None:
-    """The quick checks ``loralab train`` runs before training: warnings are logged, failures raise LoralabError."""
+def fast_preflight(session: Any) -> CheckReport:
+    """The quick checks ``loralab train`` runs before training: warnings are logged, failures raise LoralabError;
+    the report is returned (training writes it into the run folder as checks.json)."""
     started = time.perf_counter()
     report = CheckReport(run_session_checks(session, fast=True), seconds=0.0)
     for result in report.results:
@@ -107,5 +108,7 @@ def fast_preflight(session: Any) -> None:
         raise LoralabError(f"preflight checks failed:\n{lines}\n"
                            "`loralab check` with the same arguments shows the details; "
                            "`loralab train --skip-checks` trains anyway")
+    report.seconds = time.perf_counter() - started
     log.info("preflight: %d checks passed, %d warnings (%.1f s)", sum(r.status == "pass" for r in report.results),
-             sum(r.status == "warn" for r in report.results), time.perf_counter() - started)
+             sum(r.status == "warn" for r in report.results), report.seconds)
+    return report

@@ -79,8 +79,10 @@ def untouched(model: Any) -> Iterator[None]:
 
 
 def is_adapter_param(name: str, bias: str) -> bool:
-    """Parameters LoRA is meant to train: lora_A/B (and DoRA magnitudes), modules_to_save copies, biases if configured."""
-    return "lora_" in name or "modules_to_save" in name or (bias != "none" and name.endswith(".bias"))
+    """Parameters LoRA is meant to train: lora_A/B (and DoRA magnitudes), modules_to_save copies, new token rows
+    (data.add_special_tokens), biases if configured."""
+    return "lora_" in name or "modules_to_save" in name or "trainable_tokens_delta" in name \
+        or (bias != "none" and name.endswith(".bias"))
 
 
 def first_batches(session: Any, n: int) -> list[dict[str, Any]]:
@@ -97,8 +99,11 @@ def check_targets(session: Any) -> CheckResult:
     from peft.tuners.lora import LoraLayer
 
     model, report = session.model, session.targets
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-    per_type = Counter(name.rsplit(".", 1)[-1] for name in wrapped)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)
+              and "default" in getattr(module, "r", {})}
+    wrapped = list(layers)
+    per_type = Counter(lora_module_kind(name, module) for name, module in layers.items())
+    ranks = rank_report(layers)
     counts = parameter_counts(model)
     explicit = session.config.lora.target_modules is not None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -107,7 +112,7 @@ def check_targets(session: Any) -> CheckResult:
     unmatched = list(report.unmatched_names) if report is not None else []
     details = {"wrapped_modules": len(wrapped), "per_type": dict(per_type), "requested": report.requested if report else None,
                "unmatched": unmatched, "linear_module_names": linear, **counts,
-               "modules_to_save": session.config.lora.modules_to_save}
+               "modules_to_save": session.config.lora.modules_to_save, **ranks}
     problems: list[tuple[Status, str]] = []
     if not wrapped:
         problems.append(("fail", "no module got LoRA: nothing would be trained"))
@@ -119,8 +124,14 @@ def check_targets(session: Any) -> CheckResult:
         else:
             problems.append(("warn", f"preset target modules {unmatched} matched nothing{hints}"))
     per_type_text = " ".join(f"{k}×{v}" for k, v in sorted(per_type.items()))
-    ok = (f"{len(wrapped)} LoRA modules ({per_type_text}); {counts['trainable_params']:,} of {counts['total_params']:,} "
-          f"parameters trainable ({counts['trainable_percent']:.2f}%)")
+    new_rows = [n for n, _ in model.named_parameters() if "trainable_tokens_delta" in n]
+    tokens = session.config.data.add_special_tokens or []
+    if new_rows:  # data.add_special_tokens: only their rows train
+        details["new_token_rows"] = {"tokens": tokens, "layers": [n.split(".trainable_tokens_delta")[0] for n in new_rows]}
+    tokens_text = f"; the rows of {len(tokens)} new tokens train ({', '.join(tokens)})" if new_rows else ""
+    ok = (f"{len(wrapped)} LoRA modules ({per_type_text}); {ranks['ranks_text']}{tokens_text}; "
+          f"{counts['trainable_params']:,} of {counts['total_params']:,} parameters trainable "
+          f"({counts['trainable_percent']:.2f}%)")
     if session.config.model.quantized and hasattr(base, "get_memory_footprint"):
         used = base.get_memory_footprint()
         bf16 = 2 * counts["total_params"]  # the same base in bf16 (4-bit weights counted at their logical size)
@@ -131,6 +142,38 @@ def check_targets(session: Any) -> CheckResult:
     if problems and wrapped:
         result.reason += f" | {ok}"
     return result
+
+
+def lora_module_kind(name: str, module: Any) -> str:
+    """A wrapped module's kind as users name it: its last name part (``q_proj``), or ``experts.gate_up_proj`` for a
+    wrapped parameter (``lora.target_parameters``)."""
+    parts = [p for p in name.split(".") if p != "base_layer"]
+    parameter = getattr(module, "parameter_name", None)
+    return f"{parts[-1]}.{parameter}" if parameter else parts[-1]
+
+
+def rank_report(layers: dict[str, Any]) -> dict[str, Any]:
+    """Each LoRA module's rank and alpha (``lora.rank_pattern`` / ``alpha_pattern``, EVA's redistribution) and the
+    layers that got LoRA, as details and as one line: ``r 8 / alpha 16: q_proj×2, v_proj×2 in layers 0-1``."""
+    from loralab.lora_fields import layer_index, number_ranges
+
+    per_module = {name.removeprefix("base_model.model."): {"r": module.r["default"],
+                                                            "alpha": module.lora_alpha["default"]}
+                  for name, module in layers.items()}
+    groups: dict[tuple[int, float], Counter] = {}
+    numbers: dict[tuple[int, float], set[int]] = {}
+    for name, module in layers.items():
+        key = (module.r["default"], module.lora_alpha["default"])
+        groups.setdefault(key, Counter())[lora_module_kind(name, module)] += 1
+        index = layer_index(name.removeprefix("base_model.model."), None)
+        numbers.setdefault(key, set()).update([] if index is None else [index])
+    indexes = sorted({i for found in numbers.values() for i in found})
+    parts = []
+    for (r, alpha), kinds in sorted(groups.items()):
+        where = f" in layer{'s' * (len(numbers[(r, alpha)]) != 1)} {number_ranges(sorted(numbers[(r, alpha)]))}" \
+            if numbers[(r, alpha)] else ""
+        parts.append(f"r {r} / alpha {alpha:g}: {', '.join(f'{k}×{v}' for k, v in sorted(kinds.items()))}{where}")
+    return {"per_module": per_module, "layers_with_lora": indexes, "ranks_text": "; ".join(parts) or "no LoRA module"}
 
 
 # ---------------------------------------------------------------- data flow
@@ -183,7 +226,8 @@ def check_data_flow(session: Any) -> CheckResult:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     parameters = inspect.signature(base.forward).parameters
     forward_keys = None if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else set(parameters)
-    vocab = base.get_input_embeddings().num_embeddings
+    embeddings = base.get_input_embeddings()
+    vocab = getattr(embeddings, "original_module", embeddings).num_embeddings  # new token rows: PEFT wraps it
     batches = first_batches(session, 2)
     described = [_describe(b) for b in batches]
     problems: list[tuple[Status, str]] = []

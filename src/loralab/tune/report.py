@@ -20,7 +20,8 @@ from loralab.runs import write_bytes_atomic, write_text_atomic
 from loralab.tune.budget import format_duration
 
 if TYPE_CHECKING:
-    from loralab.tune.search import TrialRecord, TuneResult
+    from loralab.tune.results import TuneResult
+    from loralab.tune.study import TrialRecord
 
 LABELS = {"train.learning_rate": "learning rate", "lora.r": "r", "lora.alpha_ratio": "alpha / r", "lora.alpha": "alpha",
           "lora.dropout": "dropout", "lora.coverage": "coverage", "lora.target_modules": "target modules",
@@ -179,7 +180,25 @@ def render_markdown(result: TuneResult, study: Any, importances: tuple[dict[str,
     lines += ["", "## Search space", "", *_space_lines(result), ""]
     if result.stopped:
         lines += [f"Stopped: {result.stopped}.", ""]
+    for title, header, rows, notes in held_out_sections(result):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+        lines += ["", *(f"{note} " for note in notes), ""]
     return "\n".join(lines)
+
+
+def held_out_sections(result: TuneResult) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """(title, header, rows, notes) of the best trial on the test split and of the final comparison, when there."""
+    from loralab.tune.final import best_test_table, final_table
+
+    sections = []
+    if result.best_test and result.best is not None:
+        header, rows = best_test_table(result.best_test)
+        sections.append((f"Held-out test split: trial {result.best.number}", header, rows,
+                         ["The search never saw these examples: not in training, the checkpoint choice or the ranking."]))
+    if result.final is not None:
+        sections.append(("Final comparison", *final_table(result.final, result.spec.metric)))
+    return sections
 
 
 def render_trials_png(result: TuneResult) -> bytes:
@@ -228,7 +247,7 @@ def render_trials_png(result: TuneResult) -> bytes:
 
 
 def render_html(result: TuneResult, study: Any, importances: tuple[dict[str, float], str], trials_png: bytes) -> str:
-    from loralab.sweep_report import CSS, _html_table
+    from loralab.sweeps.page import CSS, html_table as _html_table
 
     esc = html.escape
     header, cells, classes = trial_table(result, study)
@@ -257,6 +276,8 @@ def render_html(result: TuneResult, study: Any, importances: tuple[dict[str, flo
                                               for line in _space_lines(result)] + ["</ul>"]
     if result.stopped:
         parts.append(f"<p class=note>Stopped: {esc(result.stopped)}.</p>")
+    for title, header, rows, notes in held_out_sections(result):
+        parts += [f"<h2>{esc(title)}</h2>", _html_table(header, rows), f"<p class=note>{esc(' '.join(notes))}</p>"]
     style = CSS + "tr.pruned td { color: #777; }\n"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Tune {esc(result.output.name)}</title>'
             f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

@@ -34,6 +34,7 @@ DEFAULT_R: tuple[int, ...] = (4, 8, 16, 32)
 DEFAULT_ALPHA_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # r 8-32 x 2 gives the usual alpha 16-64
 DEFAULT_DROPOUT: tuple[float, float] = (0.0, 0.1)
 DEFAULT_EPOCHS: tuple[int, ...] = (1, 2, 3)
+TRIAL_PATIENCE = 4  # a trial stops after 4 evaluations without a better metric (its best checkpoint is kept anyway)
 ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "q", "k", "v", "o", "query", "key", "value", "c_attn",
                    "out_proj", "qkv_proj", "Wqkv", "W_pack", "query_key_value"}
 
@@ -301,7 +302,8 @@ def _round_value(name: str, value: Any) -> Any:
 def trial_config(base: RunConfig, values: dict[str, Any], *, name: str, output_dir: str, metric: str, eval_steps: int,
                  eval_limit: int | None, coverages: dict[str, Any]) -> RunConfig:
     """The full run config of one trial: the base with the trial's values, evaluated (and checkpointed) every
-    ``eval_steps`` steps, its best checkpoint chosen by ``metric``."""
+    ``eval_steps`` steps, its best checkpoint chosen by ``metric``, stopped early after TRIAL_PATIENCE evaluations
+    without a better one (unless the base or the space sets ``train.early_stopping_patience``)."""
     data = base.model_dump(mode="json")
     data["name"], data["output_dir"] = name, output_dir
     data["train"]["resume"] = False
@@ -321,6 +323,8 @@ def trial_config(base: RunConfig, values: dict[str, Any], *, name: str, output_d
     train = data["train"]
     train["eval_steps"] = train["save_steps"] = eval_steps
     train["metric_for_best_model"] = metric
+    if train.get("early_stopping_patience") is None and "train.early_stopping_patience" not in values:
+        train["early_stopping_patience"] = TRIAL_PATIENCE  # the budget goes to trials still improving
     if metric != "eval_loss":
         train["eval_generate"] = True
         if eval_limit:

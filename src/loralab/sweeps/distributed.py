@@ -6,10 +6,11 @@ folder on a shared filesystem). Each worker queues the runs that are not finishe
 queued trial to exactly one worker. A run that another worker is already running is skipped (the trial is pruned);
 a finished run is never trained again.
 
-Storage: an Optuna RDB URL (``sqlite:///sweep.db``, ``postgresql://...``; with heartbeats, so the trial of a
-killed worker is failed and its run queued again) or a journal file path (``optuna.storages.JournalStorage``;
-the default is ``<sweep folder>/optuna.journal``). A journal file has no heartbeats: the trial of a killed worker is
-failed and its run queued again by a worker on the same machine (it sees the process is gone).
+Storage: an Optuna RDB URL (``sqlite:///sweep.db``, ``postgresql://...``; with heartbeats every
+``LORALAB_HEARTBEAT_S`` seconds (default 60), so the trial of a worker silent for 3 heartbeats is failed, by exactly
+one other worker, and its run queued again) or a journal file path (``optuna.storages.JournalStorage``; the default
+is ``<sweep folder>/optuna.journal``). A journal file has no heartbeats: the trial of a killed worker is failed and
+its run queued again by a worker on the same machine (it sees the process is gone).
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from typing import Any, Callable
 
 from loralab.errors import LoralabError
 from loralab.metrics import HIGHER_IS_BETTER
-from loralab.sweeps import PlannedRun, SweepSpec, comparable_config, execute_run, read_outcome
+from loralab.runs import comparable_config
+from loralab.sweeps.execute import execute_run, read_outcome
+from loralab.sweeps.grid import PlannedRun
+from loralab.sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 60
-GRACE_PERIOD_S = 180
+GRACE_HEARTBEATS = 3  # a trial whose worker missed this many heartbeats is stale
 
 
 class RunFailed(Exception):
@@ -46,19 +50,34 @@ def _optuna() -> Any:
     return optuna
 
 
-def open_storage(storage: str | None, sweep_dir: Path) -> Any:
-    """An RDB storage for a URL (with heartbeats), else a journal file (default: ``<sweep>/optuna.journal``)."""
+def heartbeat_interval() -> int:
+    """Seconds between a worker's heartbeats on a database (``LORALAB_HEARTBEAT_S``, default 60)."""
+    raw = os.environ.get("LORALAB_HEARTBEAT_S", "")
+    if not raw:
+        return HEARTBEAT_INTERVAL_S
+    if not raw.isdigit() or int(raw) < 1:
+        raise LoralabError(f"LORALAB_HEARTBEAT_S={raw!r} must be a whole number of seconds, at least 1")
+    return int(raw)
+
+
+def open_storage(storage: str | None, folder: Path, on_stale: Callable[[Any, Any], None] | None = None) -> Any:
+    """An RDB storage for a URL (with heartbeats; ``on_stale(study, trial)`` runs once, in the one worker that
+    fails a stale trial), else a journal file (default: ``<folder>/optuna.journal``)."""
     optuna = _optuna()
     if storage and "://" in storage:
+        interval = heartbeat_interval()
         try:
-            return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S)
+            return optuna.storages.RDBStorage(storage, heartbeat_interval=interval,
+                                              grace_period=GRACE_HEARTBEATS * interval,
+                                              heartbeat_stale_trial_callback=on_stale)
         except ImportError as exc:
-            raise LoralabError(f"--storage {storage}: {exc}") from None
+            raise LoralabError(f"--storage {storage}: {exc} (PostgreSQL needs a driver: pip install "
+                               "'loralab[postgres]')") from None
         except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many kinds for a bad URL
             raise LoralabError(f"--storage {storage}: cannot open the Optuna database: {exc}") from None
     from optuna.storages.journal import JournalFileBackend
 
-    path = Path(storage) if storage else sweep_dir / "optuna.journal"
+    path = Path(storage) if storage else folder / "optuna.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
@@ -88,18 +107,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def reclaim_dead_trials(study: Any, storage: Any) -> None:
-    """Fail trials left running by a worker of this machine that no longer exists (killed, crashed)."""
+def reclaim_dead_trials(study: Any, storage: Any) -> list[Any]:
+    """Fail trials left running by a worker of this machine that no longer exists (killed, crashed); returns the
+    trials this worker failed (when two workers try, the storage lets exactly one of them)."""
     optuna = _optuna()
     host = socket.gethostname()
     study_id = storage.get_study_id_from_name(study.study_name)
+    failed = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = trial.user_attrs.get("pid")
         if trial.user_attrs.get("host") == host and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
-            log.info("trial %d (%s) was left running by a dead worker; queued again", trial.number,
-                     trial.user_attrs.get("run_name"))
+            try:
+                if not storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker was first
+                continue
+            failed.append(trial)
+            log.info("trial %d (%s) was left running by a dead worker (pid %d); queued again", trial.number,
+                     trial.user_attrs.get("run_name") or trial.params, pid)
+    return failed
 
 
 def enqueue_pending(study: Any, planned: list[PlannedRun], retry_failed: bool) -> int:

@@ -1,0 +1,146 @@
+"""Data preparation at scale: time and peak memory of ``prepare_data`` for 10k, 50k and 200k examples, first run
+(read, validate, split, tokenize, write the cache) and cached run (read back from the cache).
+
+    pip install 'loralab[bench]'        # chitchat-dataset: 7,168 real conversations (MIT), not in the default install
+    python benchmarks/data_prep.py [--sizes 10000,50000,200000] [--max-length 512]
+
+The examples are real multi-turn conversations from the ``chitchat-dataset`` package (the BYU Chit Chat Challenge):
+the first speaker is the user, the other the assistant, consecutive messages of one speaker joined; each
+conversation cut into windows of up to 4 exchanges (what chat SFT data looks like), cycled to the size asked for, and
+written as a messages-format JSONL file. They are tokenized with the built-in model's tokenizer (SmolLM2, ChatML
+template), every assistant turn supervised. Each measurement runs in its own child process, one after another, so peak
+memory is per run: ``ru_maxrss`` of the process (its baseline, after importing loralab and loading the tokenizer, is
+shown apart) and of its largest child (the tokenizing workers). The children import a snapshot of loralab taken when
+the benchmark starts, so edits to the working tree while it runs change neither the code measured nor the cache key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def conversations() -> list[list[dict[str, str]]]:
+    """chitchat-dataset's conversations as user / assistant messages, cut into windows of up to 4 exchanges."""
+    try:
+        import chitchat_dataset
+    except ImportError:
+        sys.exit("this benchmark needs the chitchat-dataset package: pip install 'loralab[bench]'")
+    windows = []
+    for conversation in chitchat_dataset.Dataset().values():
+        messages: list[dict[str, str]] = []
+        first = None
+        for message in conversation["messages"]:
+            text = " ".join(u["text"] for u in message).strip()
+            if not text:
+                continue
+            first = first or message[0]["sender"]
+            role = "user" if message[0]["sender"] == first else "assistant"
+            if messages and messages[-1]["role"] == role:
+                messages[-1]["content"] += " " + text
+            else:
+                messages.append({"role": role, "content": text})
+        for start in range(0, len(messages), 8):
+            window = messages[start : start + 8]
+            if window and window[-1]["role"] != "assistant":
+                window = window[:-1]
+            if len(window) >= 2 and window[0]["role"] == "user":
+                windows.append(window)
+    return windows
+
+
+def write_examples(path: Path, n: int, pool: list[list[dict[str, str]]]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(n):
+            handle.write(json.dumps({"messages": pool[i % len(pool)]}, ensure_ascii=False) + "\n")
+
+
+def child(path: str, max_length: int) -> None:
+    """One measurement: prepare the file's data with the built-in tokenizer; print a JSON line."""
+    import loralab
+    from loralab.config import DataConfig, ModelConfig
+    from loralab.data import prepare_data
+    from loralab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(), "CAUSAL_LM")
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    prepared = prepare_data(DataConfig(path=path, max_length=max_length), tokenizer, "CAUSAL_LM")
+    elapsed = time.perf_counter() - started
+    print(json.dumps({
+        "seconds": round(elapsed, 2), "baseline_mb": round(baseline), "train": len(prepared.train),
+        "eval": len(prepared.eval or []), "supervised_tokens": prepared.supervised_tokens(),
+        "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "worker_peak_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        "loralab": str(Path(loralab.__file__).parent),
+    }))
+
+
+def measure(path: Path, cache: Path, max_length: int, snapshot: Path) -> dict:
+    env = {**os.environ, "LORALAB_DATA_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(snapshot), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(snapshot / Path(__file__).name), "--child", str(path), "--max-length",
+                           str(max_length)], env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        sys.exit(f"measurement failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,50000,200000")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.max_length)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    pool = conversations()
+    print(f"{cpu_name()}, {os.cpu_count()} cores; {len(pool)} conversation windows from chitchat-dataset, "
+          f"{sum(len(w) for w in pool) / len(pool):.1f} messages each; max_length {args.max_length}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="loralab-data-prep-") as tmp:
+        import loralab
+
+        snapshot = Path(tmp) / "code"
+        shutil.copytree(Path(loralab.__file__).parent, snapshot / "loralab", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(__file__, snapshot)
+        for n in sizes:
+            path, cache = Path(tmp) / f"chats-{n}.jsonl", Path(tmp) / f"cache-{n}"
+            write_examples(path, n, pool)
+            first = measure(path, cache, args.max_length, snapshot)
+            print(json.dumps({"examples": n, "first": first}), flush=True)
+            cached = measure(path, cache, args.max_length, snapshot)
+            print(json.dumps({"examples": n, "cached": cached}), flush=True)
+            rows.append((n, path.stat().st_size / 2**20, first, cached))
+            path.unlink()
+    print("\n| examples | JSONL | first run | examples/s | cached run | peak memory first / cached (baseline) | "
+          "largest child |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, mb, first, cached in rows:
+        print(f"| {n:,} | {mb:.0f} MB | {first['seconds']:.1f} s | {n / first['seconds']:,.0f} | "
+              f"{cached['seconds']:.2f} s | {first['peak_mb']} / {cached['peak_mb']} MB ({first['baseline_mb']} MB) | "
+              f"{first['worker_peak_mb']} MB |")
+
+
+if __name__ == "__main__":
+    main()
