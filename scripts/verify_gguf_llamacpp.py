@@ -49,22 +49,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="A loralab run folder (default: an adapter made on the built-in model).")
     parser.add_argument("--adapter", type=Path, help="Any PEFT adapter folder (with --model).")
-    parser.add_argument("--model", default=None, help="Base model of --adapter (default: smollm2-135m-instruct).")
+    parser.add_argument("--model", default=None, help="Base model of --adapter, or the model to make an adapter on "
+                        "(default: smollm2-135m-instruct).")
     parser.add_argument("--quants", default=",".join(QUANTS), help=f"Comma-separated, from {', '.join(QUANTS)}.")
     parser.add_argument("--output", type=Path, help="Folder for the GGUF files (default: a temporary folder).")
     parser.add_argument("--json", type=Path, help="Also write the measurements to this JSON file.")
     args = parser.parse_args()
 
-    from loralab.config import DEFAULT_MODEL
-    from loralab.errors import LoralabError
     from loralab.export import llamacpp
-    from loralab.export.gguf_export import export_gguf, sidecars
 
     if not llamacpp.available():
         print(f"llama-cpp-python is not installed: {llamacpp.INSTALL_HINT}", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="loralab-gguf-"))
+    with tempfile.TemporaryDirectory(prefix="loralab-gguf-") as work:  # the adapter made here, GGUFs without --output
+        return measure(args, Path(work))
+
+
+def measure(args: argparse.Namespace, work: Path) -> int:
+    """Export each quant type, print a row per type; the exit code (see the module docstring)."""
+    from loralab.config import DEFAULT_MODEL
+    from loralab.errors import LoralabError
+    from loralab.export.gguf_export import export_gguf, sidecars
+
     out = args.output or work
+    out.mkdir(parents=True, exist_ok=True)
     adapter, base = args.adapter, args.model
     if args.run is None and adapter is None:
         base = base or DEFAULT_MODEL

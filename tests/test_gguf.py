@@ -214,3 +214,32 @@ def test_gguf_overwrite_replaces_only_an_earlier_export(llama_run, tmp_path):
     export_gguf(llama_run, tmp_path / "ours.gguf", quant="q8_0", overwrite=True, llamacpp_check=False)
     assert (tmp_path / "ours.gguf").read_bytes() != first
     assert json.loads((tmp_path / "ours.export_report.json").read_text())["quant"] == "q8_0"
+
+
+@NEEDS_LLAMACPP
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_adapters_from_plain_peft_run_in_llamacpp(family, tiny_llama_dir, tmp_path):
+    """Qwen2 (q/k/v biases, no permutation) and Mistral (Llama layout, an output layer of its own) as llama.cpp
+    reads them, from adapters made with peft alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=family == "qwen2", initializer_range=0.2)
+    model_class(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    get_peft_model(model_class.from_pretrained(tmp_path / "base"),
+                   LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj"])
+                   ).save_pretrained(tmp_path / "adapter")
+    path = export_gguf(None, tmp_path / f"{family}.gguf", adapter=tmp_path / "adapter", base_model=str(tmp_path / "base"),
+                       llamacpp_check=True)
+    report = json.loads(sidecars(path)["report"].read_text())
+    check = next(c for c in report["checks"] if c["name"] == "llama.cpp")
+    assert report["architecture"] == {"qwen2": "qwen2", "mistral": "llama"}[family]
+    assert check["passed"] and check["max_abs_logit_diff"] < 0.02 * check["logit_scale"]
+    assert check["greedy_agree"] + check["near_ties"] == check["n"]
