@@ -130,3 +130,18 @@ def test_an_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch, opposites
     monkeypatch.setenv("LORALAB_DATA_CACHE", str(blocker / "cache"))
     with pytest.raises(LoralabError, match=r"cannot write the data cache in .*a-file/cache .*set LORALAB_DATA_CACHE"):
         load_examples(DataConfig(path=str(opposites_file)), "CAUSAL_LM")
+
+
+def test_the_same_bytes_read_by_another_reader_are_not_served_from_the_cache(cache, tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("instruction\tresponse\nGive the opposite of hot.\tcold, of course\n", encoding="utf-8")
+    (example,) = load_examples(DataConfig(path=str(tsv)), "CAUSAL_LM")
+    assert example.response == "cold, of course"
+    csv = tmp_path / "pairs.csv"
+    csv.write_bytes(tsv.read_bytes())  # as CSV its one column is "instruction<TAB>response"
+    with pytest.raises(DataError, match=r"pairs.csv, line 2: 2 fields but the header has 1"):
+        load_examples(DataConfig(path=str(csv)), "CAUSAL_LM")
+    moved = tmp_path / "moved.tsv"
+    moved.write_bytes(tsv.read_bytes())
+    assert load_examples(DataConfig(path=str(moved)), "CAUSAL_LM") == [example]  # same bytes and reader: one entry
+    assert len(entries(cache, "examples")) == 1  # the failed CSV left none

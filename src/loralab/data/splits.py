@@ -8,6 +8,7 @@ checkpoint choice, early stopping and searches; only ``loralab eval --split test
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from loralab.config import DataConfig
@@ -60,8 +61,12 @@ def split_examples(examples: list[Example], eval_split: float, seed: int) -> tup
 
 
 def examples_key(source: Source, cfg: DataConfig, task_type: str) -> str:
-    """What a source's examples depend on: its content, the parsing settings and the task type."""
-    found = {k: v for k, v in source_fingerprint(source).items() if k not in ("path", "bytes") or source.is_hub}
+    """What a source's examples depend on: its content and how it is read (a file's extension: .csv and .tsv read the
+    same bytes differently), the parsing settings and the task type. A file moved or copied keeps its key."""
+    found = source_fingerprint(source)
+    if not source.is_hub:
+        found = {"sha256": found["sha256"], "reader": "folder" if Path(source.path).is_dir() else
+                 Path(source.path).suffix.lower()}
     return key_of("examples", found, {name: getattr(cfg, name) for name in PARSE_FIELDS}, task_type)
 
 
