@@ -61,12 +61,8 @@ def load_adapter(adapter: str | Path, base_model: str | None = None, *, full_pre
 
     Text-generation adapters only (CAUSAL_LM, SEQ_2_SEQ_LM): a classifier adapter needs the label names a loralab
     run keeps. ``full_precision`` loads a quantized base without quantization (for merging)."""
-    import torch
-    from peft import PeftModel
-
     from loralab.config import remote_code_allowed
-    from loralab.generation import LoadedRun, check_generative
-    from loralab.lora_init import loadable_adapter
+    from loralab.generation import attach_adapter, check_generative
     from loralab.models import load_model, load_tokenizer, resolve_task_type
 
     config = adapter_run_config(adapter, base_model, sets)
@@ -78,17 +74,7 @@ def load_adapter(adapter: str | Path, base_model: str | None = None, *, full_pre
         model_cfg = config.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False}) \
             if full_precision else config.model
         base = load_model(model_cfg, task_type)
-    if task_type == "CAUSAL_LM" and base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    try:
-        with loadable_adapter(Path(adapter), None):  # refuses an unconverted PiSSA / OLoRA / CorDA adapter
-            model = PeftModel.from_pretrained(base, str(adapter))
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise LoralabError(f"cannot load the adapter {adapter} onto {config.model.name_or_path!r}: {exc}") from None
-    if torch.cuda.is_available() and not config.model.quantized:
-        model.to("cuda")
-    model.eval()
-    return LoadedRun(config, task_type, tokenizer, model, Path(adapter), None)
+    return attach_adapter(base, tokenizer, config, task_type, Path(adapter), None)
 
 
 def load_model_with_adapter(source: str | Path | None, checkpoint: str = "best", *, adapter: str | Path | None = None,

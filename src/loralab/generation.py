@@ -123,9 +123,6 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
     A run whose config sets ``model.trust_remote_code`` loads only with ``trust_remote_code=True`` (or inside
     ``loralab.config.remote_code_allowed()``): the run folder alone cannot switch remote code on.
     """
-    from peft import PeftModel
-
-    from loralab.lora_init import loadable_adapter
     from loralab.new_tokens import with_new_tokens
 
     adapter_path = resolve_adapter(run_dir, str(checkpoint))
@@ -150,18 +147,29 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
         base = load_model(model_cfg, task_type)
     if loftq:
         base = base.dequantize()
+    with_new_tokens(tokenizer, base, config.data.add_special_tokens)  # the run's new tokens, same ids, rows grown
+    return attach_adapter(base, tokenizer, config, task_type, adapter_path, Path(run_dir))
+
+
+def attach_adapter(base: Any, tokenizer: Any, config: RunConfig, task_type: str, adapter_path: Path,
+                   run_dir: Path | None) -> "LoadedRun":
+    """The base model with the adapter folder on it, in eval mode (on the GPU when there is one). A PiSSA / OLoRA
+    checkpoint of a run is converted first; an unconverted one from elsewhere is refused."""
+    from peft import PeftModel
+
+    from loralab.lora_init import loadable_adapter
+
     if task_type == "CAUSAL_LM" and base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
-    with_new_tokens(tokenizer, base, config.data.add_special_tokens)  # the run's new tokens, same ids, rows grown
     try:
-        with loadable_adapter(adapter_path, Path(run_dir)) as loadable:  # a PiSSA/OLoRA checkpoint: converted
+        with loadable_adapter(adapter_path, run_dir) as loadable:
             model = PeftModel.from_pretrained(base, str(loadable))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise LoralabError(f"cannot load the adapter {adapter_path} onto {config.model.name_or_path!r}: {exc}") from None
     if torch.cuda.is_available() and not config.model.quantized:
         model.to("cuda")
     model.eval()
-    return LoadedRun(config, task_type, tokenizer, model, adapter_path, Path(run_dir))
+    return LoadedRun(config, task_type, tokenizer, model, adapter_path, run_dir)
 
 
 # ---------------------------------------------------------------- prompts
