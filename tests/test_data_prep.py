@@ -145,3 +145,34 @@ def test_the_same_bytes_read_by_another_reader_are_not_served_from_the_cache(cac
     moved.write_bytes(tsv.read_bytes())
     assert load_examples(DataConfig(path=str(moved)), "CAUSAL_LM") == [example]  # same bytes and reader: one entry
     assert len(entries(cache, "examples")) == 1  # the failed CSV left none
+
+
+def test_real_conversations_from_chitchat_dataset(cache, tmp_path):
+    """Real multi-turn chat no one here wrote (pip install 'loralab[bench]'): every assistant turn supervised, masks
+    as tokenize gives them, in two processes."""
+    chitchat = pytest.importorskip("chitchat_dataset")
+    rows = []
+    for conversation in list(chitchat.Dataset().values())[:400]:
+        messages, first = [], None
+        for message in conversation["messages"]:
+            text = " ".join(u["text"] for u in message).strip()
+            if not text:
+                continue
+            first = first or message[0]["sender"]
+            role = "user" if message[0]["sender"] == first else "assistant"
+            if messages and messages[-1]["role"] == role:
+                messages[-1]["content"] += " " + text
+            else:
+                messages.append({"role": role, "content": text})
+        messages = messages[:6] if len(messages) >= 6 else messages[: len(messages) // 2 * 2]
+        if len(messages) >= 2:
+            rows.append({"messages": messages})
+    tok = chatml_tokenizer()
+    cfg = DataConfig(path=str(write_jsonl(tmp_path / "chitchat.jsonl", rows)), max_length=256, num_proc=2)
+    prepared = prepare_data(cfg, tok, "CAUSAL_LM")
+    assert len(prepared.train) + len(prepared.eval) == len(rows) > 100
+    items = list(prepared.train.tokenized)
+    assert sum(len(t.turns) == 3 for t in items) > 50  # three answers supervised in one conversation
+    for example, item in list(zip(prepared.train_examples, items))[:60]:
+        expected = tokenize(tok, example, cfg, "CAUSAL_LM")
+        assert (item.input_ids, item.labels) == (expected.input_ids, expected.labels)
