@@ -175,3 +175,23 @@ def test_a_classification_run_cannot_generate(tmp_path):
     (run / "config.yaml").write_text(config.to_yaml())
     with pytest.raises(LoralabError, match="is a SEQ_CLS run; eval, compare and generate need a text-generation run"):
         load_run_model(run)
+
+
+def test_base_answers_are_made_once_for_runs_of_the_same_base(loaded, llama_run, monkeypatch):
+    from loralab import generation
+
+    generation._BASE_ANSWERS.clear()
+    calls = []
+    real = type(loaded.model).generate
+    monkeypatch.setattr(type(loaded.model), "generate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    first = generate_answers(loaded, PROMPTS, SETTINGS, use_adapter=False)
+    made = len(calls)
+    again = load_run_model(llama_run)
+    assert generate_answers(again, PROMPTS, SETTINGS, use_adapter=False) == first and len(calls) == made
+    generate_answers(again, PROMPTS, SETTINGS)  # adapter answers are never reused
+    assert len(calls) == 2 * made
+    frozen = next(p for n, p in again.model.named_parameters() if "q_proj.base_layer.weight" in n)
+    with torch.no_grad():
+        frozen[0, 0] += 1.0  # another base (an init that rewrote a weight): answered anew
+    generate_answers(again, PROMPTS, SETTINGS, use_adapter=False)
+    assert len(calls) == 3 * made

@@ -328,13 +328,23 @@ def test_seeds_repeat_every_cell_and_the_comparison_is_mean_and_sd(seeded_sweep)
         assert float(cell["test_chrf_mean"]) == pytest.approx(statistics.fmean(float(r["test_chrf"]) for r in pair))
     assert float(base["test_chrf_mean"]) == pytest.approx(float(runs[0]["base_test_chrf"]))
 
+    # what each adapter cost on general text: every run's eval.json number, averaged per cell, in every table
+    changes = [json.loads((folder / name / "eval.json").read_text())["general_text"]["change_percent"] for name in names]
+    assert [float(r["general_ppl_change"]) for r in runs] == pytest.approx(changes)
+    assert {float(r["general_ppl_change_zh"]) != float(r["general_ppl_change_en"]) for r in runs} == {True}
+    for cell, pair in zip(cells, (changes[:2], changes[2:])):
+        assert float(cell["general_ppl_change_mean"]) == pytest.approx(statistics.fmean(pair))
+    assert base["general_ppl_change_mean"] == ""  # the base model against itself: nothing to report
+
     markdown = (folder / "comparison.md").read_text(encoding="utf-8")
     mean, sd = float(best["best_eval_loss_mean"]), float(best["best_eval_loss_sd"])
     assert f"{mean:.4f} ± {sd:.4f}" in markdown and f"| {result.best} ★ best | " in markdown
     assert "Best cell by mean eval_loss over 2 seeds (lower is better)" in markdown and "| base model |" in markdown
     assert "2 cells x 2 seeds = 4 runs: 4 done" in markdown and "## Runs" in markdown and "Next: " in markdown
     assert "| test chrF |" in markdown and "no run trained on it" in markdown
+    assert "| general-text ppl change % (zh / en) |" in markdown and "what the adapter cost elsewhere" in markdown
     page = (folder / "report.html").read_text(encoding="utf-8")
+    assert "general-text ppl change % (zh / en)" in page
     assert "mean ± sd over seeds" in page and page.count('<tr class="best">') == 1 and all(n in page for n in names)
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_sweep(folder / "sweep.yaml").seeds == [1, 2]  # --report-only reads the seeds back

@@ -26,7 +26,7 @@ import torch
 
 from loralab.data import IGNORE_INDEX
 from loralab.errors import DataError
-from loralab.generation import LoadedRun, inference, model_device
+from loralab.generation import LoadedRun, base_model_key, inference, model_device
 from loralab.readers import read_rows
 
 BATCH_SIZE = 4
@@ -148,12 +148,8 @@ _RUN_CACHE: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]]" = weakre
 
 
 def _base_key(run: LoadedRun, texts: Sequence[GeneralText]) -> str:
-    """What the base model's losses depend on: the base (how it is loaded, and a sample of its frozen weights), the
-    texts and the token limit."""
-    frozen = [p for p in run.model.parameters() if not p.requires_grad]
-    sample = [round(float(p.detach().flatten()[:64].double().sum()), 6) for p in (frozen[:2] + frozen[-2:])]
-    settings = [run.config.model.model_dump(mode="json"), run.task_type, run.config.data.max_length, sample,
-                [(t.lang, t.text) for t in texts]]
+    """What the base model's losses depend on: the base itself, the texts and the token limit."""
+    settings = [base_model_key(run), run.config.data.max_length, [(t.lang, t.text) for t in texts]]
     return hashlib.sha256(repr(settings).encode()).hexdigest()
 
 

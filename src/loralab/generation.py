@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -258,6 +259,31 @@ def progress_bar(enabled: bool, total: int, description: str) -> Any:
     return progress, task
 
 
+ADAPTER_PARTS = ("lora_", "modules_to_save", "trainable_tokens")  # PEFT's names of an adapter's own weights
+
+
+def base_model_key(run: LoadedRun) -> str:
+    """What the base model's outputs depend on: how it is loaded, its task type and a sample of every base weight
+    (so a base whose weights an adapter's init rewrote, e.g. PiSSA's residual, is another base)."""
+    base = [p for name, p in run.model.named_parameters() if not any(part in name for part in ADAPTER_PARTS)]
+    with torch.no_grad():
+        sample = [round(float(p.detach().flatten()[:64].double().sum()), 6) for p in base]
+    settings = [run.config.model.model_dump(mode="json"), run.task_type, sample]
+    return hashlib.sha256(repr(settings).encode()).hexdigest()
+
+
+# a sweep's runs share one base model, eval split and prompts: its greedy answers are made once per process
+_BASE_ANSWERS: dict[str, list[str]] = {}
+_BASE_ANSWERS_KEPT = 64
+
+
+def _base_answers_key(run: LoadedRun, encoded: list[list[int]], settings: GenerationSettings) -> str | None:
+    if settings.do_sample:  # sampled answers are not reproducible across calls: never reused
+        return None
+    key = [base_model_key(run), settings.to_dict(), encoded, sorted(stop_token_ids(run.model, run.tokenizer))]
+    return hashlib.sha256(repr(key).encode()).hexdigest()
+
+
 def generate_answers(source: LoadedRun | Any, items: Sequence[Example | str], settings: GenerationSettings | None = None, *,
                      tokenizer: Any = None, config: RunConfig | None = None, task_type: str | None = None,
                      use_adapter: bool = True, progress: bool = False, description: str | None = None) -> list[str]:
@@ -277,6 +303,9 @@ def generate_answers(source: LoadedRun | Any, items: Sequence[Example | str], se
         raise LoralabError(f"cannot generate with a {run.task_type} model; need {' or '.join(GENERATIVE_TASKS)}")
     settings = settings or GenerationSettings()
     encoded = [prompt_token_ids(run, item) for item in items]
+    reuse_key = None if use_adapter or not encoded else _base_answers_key(run, encoded, settings)
+    if reuse_key in _BASE_ANSWERS:
+        return list(_BASE_ANSWERS[reuse_key])
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     answers = [""] * len(encoded)
     model, tok = run.model, run.tokenizer
@@ -297,6 +326,10 @@ def generate_answers(source: LoadedRun | Any, items: Sequence[Example | str], se
             for index, tokens in zip(batch, new_tokens.tolist()):
                 answers[index] = decode_answer(tok, tokens, stop_ids)
             bar.update(task, advance=len(batch))
+    if reuse_key is not None:
+        if len(_BASE_ANSWERS) >= _BASE_ANSWERS_KEPT:
+            _BASE_ANSWERS.pop(next(iter(_BASE_ANSWERS)))
+        _BASE_ANSWERS[reuse_key] = list(answers)
     return answers
 
 

@@ -21,7 +21,9 @@ GEN_METRICS: tuple[str, ...] = ("exact_match", "rouge_l", "chrf", "bleu")
 SUMMARY_KEYS: tuple[str, ...] = ("trainable_params", "train_time_s", "steps", "final_train_loss", "final_eval_loss",
                                  "best_eval_loss")
 TEST_METRICS: tuple[str, ...] = tuple(f"test_{name}" for name in GEN_METRICS)  # the held-out test split
-AGGREGATED: tuple[str, ...] = (*SUMMARY_KEYS, *GEN_METRICS, *TEST_METRICS)
+# what the adapter cost elsewhere: % change of the general-text perplexity, base -> adapter (loralab.forgetting)
+GENERAL_METRICS: tuple[str, ...] = ("general_ppl_change", "general_ppl_change_zh", "general_ppl_change_en")
+AGGREGATED: tuple[str, ...] = (*SUMMARY_KEYS, *GEN_METRICS, *TEST_METRICS, *GENERAL_METRICS)
 
 
 @dataclass
@@ -53,10 +55,26 @@ def run_value(outcome: RunOutcome, key: str) -> float | None:
         value = (outcome.evaluation.get("adapter") or {}).get(key)
     elif key in TEST_METRICS:
         value = (outcome.test.get("adapter") or {}).get(key[len("test_"):])
+    elif key in GENERAL_METRICS:
+        value = general_change(outcome, key)
     else:
         value = outcome.summary.get(key)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
         else None
+
+
+def general_change(outcome: RunOutcome, key: str) -> float | None:
+    """The run's general-text perplexity change in percent: overall, or of one language (``..._zh``)."""
+    general = outcome.evaluation.get("general_text") or {}
+    lang = key[len("general_ppl_change_"):] if key != "general_ppl_change" else None
+    source = ((general.get("languages") or {}).get(lang) or {}) if lang else general
+    value = source.get("change_percent")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def has_general(outcomes: list[RunOutcome]) -> bool:
+    """Whether any finished run measured the general-text perplexity change."""
+    return any(general_change(o, "general_ppl_change") is not None for o in outcomes)
 
 
 @dataclass

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loralab.runs import read_metrics, write_bytes_atomic, write_text_atomic
-from loralab.sweeps.cells import gap_line, has_test
-from loralab.sweeps.report import (BASE_NAME, NOTE, SEED_NOTE, TEST_NOTE, answer_columns, answer_grid, best_line, cell_table,
-                                   counts_line, render_answers_markdown, render_csv, render_markdown, render_runs_csv,
-                                   table)
+from loralab.sweeps.cells import gap_line
+from loralab.sweeps.report import (BASE_NAME, SEED_NOTE, answer_columns, answer_grid, best_line, cell_table, counts_line,
+                                   notes, render_answers_markdown, render_csv, render_markdown, render_runs_csv, table)
 
 if TYPE_CHECKING:
     from loralab.sweeps.execute import SweepResult
@@ -147,7 +146,7 @@ def render_html(result: SweepResult, png: bytes, prompts: list[str], answers: di
     else:
         parts += ["<h2>Comparison</h2>",
                   html_table(header, cells, _classes(cells, [o.run.name for o in result.runs], result.best, failed_runs))]
-    parts.append(f"<p class=note>{esc(NOTE + (' ' + TEST_NOTE if has_test(result.runs) else ''))}</p>")
+    parts.append(f"<p class=note>{esc(notes(result))}</p>")
     failed = [o for o in result.runs if o.status == "failed"]
     if failed:
         parts += ["<h2>Failed runs</h2><ul>"] + [f"<li><strong>{esc(o.run.name)}</strong>: {esc(o.reason or 'unknown')}</li>"

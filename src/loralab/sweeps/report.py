@@ -8,7 +8,8 @@ import io
 from typing import TYPE_CHECKING, Any
 
 from loralab.metrics import HIGHER_IS_BETTER
-from loralab.sweeps.cells import AGGREGATED, GEN_METRICS, TEST_METRICS, base_values, gap_line, has_test
+from loralab.sweeps.cells import (AGGREGATED, GEN_METRICS, GENERAL_METRICS, TEST_METRICS, base_values, gap_line,
+                                  general_change, has_general, has_test)
 from loralab.sweeps.grid import display_value
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ BASE_NAME = "base model"
 def comparison_rows(result: SweepResult) -> list[dict[str, Any]]:
     """One row per run: varied values (and seed), status, size, time, losses, adapter and base metrics."""
     rows = []
-    tested = has_test(result.runs)
+    tested, general = has_test(result.runs), has_general(result.runs)
     for outcome in result.runs:
         summary, evaluation = outcome.summary, outcome.evaluation
         adapter, base = evaluation.get("adapter") or {}, evaluation.get("base") or {}
@@ -48,6 +49,8 @@ def comparison_rows(result: SweepResult) -> list[dict[str, Any]]:
             test_adapter, test_base = outcome.test.get("adapter") or {}, outcome.test.get("base") or {}
             row.update({**{f"test_{name}": test_adapter.get(name) for name in GEN_METRICS}, "test_n": test_adapter.get("n"),
                         **{f"base_test_{name}": test_base.get(name) for name in GEN_METRICS}})
+        if general:
+            row.update({key: general_change(outcome, key) for key in GENERAL_METRICS})
         row["reason"] = outcome.reason or ""
         if not result.seeded:
             row["best"] = "yes" if outcome.run.name == result.best else ""
@@ -62,11 +65,12 @@ def cell_rows(result: SweepResult) -> list[dict[str, Any]]:
     base = base_values(result.runs)
     keys = list(result.spec.grid)
     blank = {key: None for key in keys}
-    aggregated = [key for key in AGGREGATED if key not in TEST_METRICS or has_test(result.runs)]
+    aggregated = [key for key in AGGREGATED if (key not in TEST_METRICS or has_test(result.runs))
+                  and (key not in GENERAL_METRICS or has_general(result.runs))]
     rows: list[dict[str, Any]] = []
     if base:
         row: dict[str, Any] = {"cell": BASE_NAME, **blank, "seeds": "", "n": base["eval_loss"].n, "status": ""}
-        for key in aggregated:
+        for key in aggregated:  # the base model's general-text change is 0 by definition: left empty
             stat = base.get("eval_loss" if key in ("final_eval_loss", "best_eval_loss") else key)
             row[f"{key}_mean"], row[f"{key}_sd"] = (stat.mean, stat.sd) if stat else (None, None)
         rows.append({**row, "best": ""})
@@ -122,6 +126,17 @@ def _metric_cells(source: dict[str, Any]) -> list[str]:
 
 METRIC_HEADER = ["exact match", "ROUGE-L", "chrF", "BLEU"]
 TEST_HEADER = [f"test {name}" for name in METRIC_HEADER]
+GENERAL_HEADER = "general-text ppl change % (zh / en)"
+
+
+def _general_text(values: list[str]) -> str:
+    """``+3.2 (+4.0 / +2.1)``: the overall change, then per language where measured."""
+    overall, *langs = values
+    return overall if all(v == "-" for v in langs) else f"{overall} ({' / '.join(langs)})"
+
+
+def _signed(value: Any) -> str:
+    return f"{value:+.1f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 DIGITS = {"exact_match": 3, "rouge_l": 3, "chrf": 1, "bleu": 1}
 
 
@@ -129,15 +144,16 @@ def table(result: SweepResult) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the per-run table: the base model first, then every run."""
     keys = list(result.spec.grid)
     seed = ["seed"] if result.seeded else []
-    tested = has_test(result.runs)
+    tested, general = has_test(result.runs), has_general(result.runs)
     header = ["run", *keys, *seed, "status", "trainable params", "train time", "train loss", "eval loss (final / best)",
-              *METRIC_HEADER, *(TEST_HEADER if tested else [])]
+              *METRIC_HEADER, *(TEST_HEADER if tested else []), *([GENERAL_HEADER] if general else [])]
     cells: list[list[str]] = []
     base = base_values(result.runs)
     if base:
         cells.append([BASE_NAME, *("" for _ in keys), *("" for _ in seed), "-", "0", "-", "-",
                       _num(base["eval_loss"].mean, 4), *(_num(base[m].mean, DIGITS[m]) for m in GEN_METRICS),
-                      *((_num(base[f"test_{m}"].mean, DIGITS[m]) for m in GEN_METRICS) if tested else ())])
+                      *((_num(base[f"test_{m}"].mean, DIGITS[m]) for m in GEN_METRICS) if tested else ()),
+                      *(["0 (base)"] if general else [])])
     for outcome in result.runs:
         s = outcome.summary
         name = outcome.run.name + (" ★ best" if not result.seeded and outcome.run.name == result.best else "")
@@ -148,22 +164,24 @@ def table(result: SweepResult) -> tuple[list[str], list[list[str]]]:
                       f"{s['train_time_s']:.1f} s" if "train_time_s" in s else "-", _num(s.get("final_train_loss"), 4),
                       f"{_num(s.get('final_eval_loss'), 4)} / {_num(s.get('best_eval_loss'), 4)}",
                       *_metric_cells(outcome.evaluation.get("adapter") or {}),
-                      *(_metric_cells(outcome.test.get("adapter") or {}) if tested else [])])
+                      *(_metric_cells(outcome.test.get("adapter") or {}) if tested else []),
+                      *([_general_text([_signed(general_change(outcome, k)) for k in GENERAL_METRICS])] if general else [])])
     return header, cells
 
 
 def cell_table(result: SweepResult) -> tuple[list[str], list[list[str]]]:
     """Seeded sweeps: header and cells of the comparison, mean ± sd over each cell's finished seeds (n of them)."""
     keys = list(result.spec.grid)
-    tested = has_test(result.runs)
+    tested, general = has_test(result.runs), has_general(result.runs)
     metrics = [*GEN_METRICS, *(TEST_METRICS if tested else ())]
     header = ["cell", *keys, "seeds done", "status", "trainable params", "train time", "train loss",
-              "eval loss (best)", *METRIC_HEADER, *(TEST_HEADER if tested else [])]
+              "eval loss (best)", *METRIC_HEADER, *(TEST_HEADER if tested else []), *([GENERAL_HEADER] if general else [])]
     cells: list[list[str]] = []
     base = base_values(result.runs)
     if base:
         cells.append([BASE_NAME, *("" for _ in keys), str(base["eval_loss"].n), "-", "0", "-", "-",
-                      base["eval_loss"].text(4), *(base[m].text(DIGITS[m.replace("test_", "")]) for m in metrics)])
+                      base["eval_loss"].text(4), *(base[m].text(DIGITS[m.replace("test_", "")]) for m in metrics),
+                      *(["0 (base)"] if general else [])])
     for cell in result.cells():
         params = cell.stat("trainable_params")
         time_s = cell.stat("train_time_s")
@@ -172,7 +190,8 @@ def cell_table(result: SweepResult) -> tuple[list[str], list[list[str]]]:
                       cell.status(), f"{params.mean:,.0f}" if params.mean is not None else "-",
                       f"{time_s.text(1)} s" if time_s.mean is not None else "-", cell.stat("final_train_loss").text(4),
                       cell.stat("eval_loss").text(4),
-                      *(cell.stat(m).text(DIGITS[m.replace("test_", "")]) for m in metrics)])
+                      *(cell.stat(m).text(DIGITS[m.replace("test_", "")]) for m in metrics),
+                      *([_general_text([cell.stat(k).text(1) for k in GENERAL_METRICS])] if general else [])])
     return header, cells
 
 
@@ -211,8 +230,17 @@ NOTE = ("eval loss: the base model's at step 0; for runs the last evaluation and
         "split.")
 TEST_NOTE = ("test ...: the same metrics on the test split the data holds out (data.test_split / data.test_path): no "
              "run trained on it, chose a checkpoint by it, or is ranked by it.")
+GENERAL_NOTE = ("general-text ppl change: how much less likely the adapter made a small general-text sample (Chinese "
+                "and English paragraphs no run trained on; loralab.forgetting) than the base model did, in percent of "
+                "the base model's perplexity: > 0 is what the adapter cost elsewhere.")
 SEED_NOTE = ("Each cell is trained once per seed (train.seed; the eval split does not change); its row is the mean ± "
              "the sample standard deviation over its finished seeds. Only cells whose every seed finished are ranked.")
+
+
+def notes(result: SweepResult) -> str:
+    """What the table's columns mean (the test split's and the general text's only where measured)."""
+    return " ".join([NOTE, *([TEST_NOTE] if has_test(result.runs) else []),
+                     *([GENERAL_NOTE] if has_general(result.runs) else [])])
 
 
 def _md_table(header: list[str], cells: list[list[str]]) -> list[str]:
@@ -230,7 +258,7 @@ def render_markdown(result: SweepResult) -> str:
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- **{o.run.name}**: {md_cell(o.reason or 'unknown')}" for o in failed]
     every = " Every run: [runs.csv](runs.csv)." if result.seeded else ""
-    lines += ["", NOTE + (" " + TEST_NOTE if has_test(result.runs) else ""), "", "Curves: [curves.png](curves.png). Answers: [answers.md](answers.md). "
+    lines += ["", notes(result), "", "Curves: [curves.png](curves.png). Answers: [answers.md](answers.md). "
               f"Everything: [report.html](report.html).{every}", ""]
     return "\n".join(lines)
 
