@@ -32,6 +32,24 @@ import time
 from pathlib import Path
 
 
+def chitchat_messages(conversation: dict) -> list[dict[str, str]]:
+    """One chitchat-dataset conversation as alternating user / assistant messages: the first sender is the user,
+    a sender's consecutive messages are joined, empty ones dropped."""
+    messages: list[dict[str, str]] = []
+    first = None
+    for message in conversation["messages"]:
+        text = " ".join(u["text"] for u in message).strip()
+        if not text:
+            continue
+        first = first or message[0]["sender"]
+        role = "user" if message[0]["sender"] == first else "assistant"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += " " + text
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
 def conversations() -> list[list[dict[str, str]]]:
     """chitchat-dataset's conversations as user / assistant messages, cut into windows of up to 4 exchanges."""
     try:
@@ -40,18 +58,7 @@ def conversations() -> list[list[dict[str, str]]]:
         sys.exit("this benchmark needs the chitchat-dataset package: pip install 'loralab[bench]'")
     windows = []
     for conversation in chitchat_dataset.Dataset().values():
-        messages: list[dict[str, str]] = []
-        first = None
-        for message in conversation["messages"]:
-            text = " ".join(u["text"] for u in message).strip()
-            if not text:
-                continue
-            first = first or message[0]["sender"]
-            role = "user" if message[0]["sender"] == first else "assistant"
-            if messages and messages[-1]["role"] == role:
-                messages[-1]["content"] += " " + text
-            else:
-                messages.append({"role": role, "content": text})
+        messages = chitchat_messages(conversation)
         for start in range(0, len(messages), 8):
             window = messages[start : start + 8]
             if window and window[-1]["role"] != "assistant":

@@ -147,23 +147,16 @@ def test_the_same_bytes_read_by_another_reader_are_not_served_from_the_cache(cac
     assert len(entries(cache, "examples")) == 1  # the failed CSV left none
 
 
-def test_real_conversations_from_chitchat_dataset(cache, tmp_path):
+def test_real_conversations_from_chitchat_dataset(cache, tmp_path, monkeypatch):
     """Real multi-turn chat no one here wrote (pip install 'loralab[bench]'): every assistant turn supervised, masks
     as tokenize gives them, in two processes."""
     chitchat = pytest.importorskip("chitchat_dataset")
     rows = []
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from data_prep import chitchat_messages  # the benchmark's reading of the dataset
+
     for conversation in list(chitchat.Dataset().values())[:400]:
-        messages, first = [], None
-        for message in conversation["messages"]:
-            text = " ".join(u["text"] for u in message).strip()
-            if not text:
-                continue
-            first = first or message[0]["sender"]
-            role = "user" if message[0]["sender"] == first else "assistant"
-            if messages and messages[-1]["role"] == role:
-                messages[-1]["content"] += " " + text
-            else:
-                messages.append({"role": role, "content": text})
+        messages = chitchat_messages(conversation)
         messages = messages[:6] if len(messages) >= 6 else messages[: len(messages) // 2 * 2]
         if len(messages) >= 2:
             rows.append({"messages": messages})
