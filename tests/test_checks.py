@@ -184,6 +184,12 @@ def test_hygiene_finds_empty_fields_duplicates_and_shared_examples(tiny_llama_di
     assert result.status == "fail"
     assert "empty or whitespace-only response in 1 examples" in result.reason and "exact duplicates in train" in result.reason
     assert "also in train" in result.reason and result.details["train_eval_shared"]
+    # a test file that repeats training rows: it would no longer measure unseen data
+    test_file = tmp_path / "test.json"
+    test_file.write_text(json.dumps(opposite_records()[:3] + [{"instruction": "Give the opposite of new.", "response": "old"}]))
+    result = check_hygiene(data_session(_config(tiny_llama_dir, data_file, tmp_path, **{"data.test_path": str(test_file)})))
+    assert result.status == "warn" and "test examples also in train or eval (test rows" in result.reason
+    assert len(result.details["test_shared"]) == 3
 
 
 def test_tokenizer_check(session, tiny_llama_dir):
@@ -351,3 +357,15 @@ def test_train_stops_on_a_failing_check_unless_skipped(tiny_llama_dir, data_file
     code, out = _run(["train", "--skip-checks", "--overwrite", *sets])
     assert code == 0, out
     assert (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_packed_rows_show_each_example_under_its_own_row_number(tiny_llama_dir, tmp_path):
+    import re
+
+    records = [opposite_records()[0]] * 12  # identical examples: each must still be shown as its own row
+    path = tmp_path / "same.json"
+    path.write_text(json.dumps(records))
+    s = setup(_config(tiny_llama_dir, path, tmp_path, **{"train.packing": "true"}))
+    shown = render_examples(s, 4)
+    titled = sorted(int(re.search(r"train row (\d+):", text).group(1)) for text in shown)
+    assert titled == sorted(e.row for e in s.data.train_examples[:4])

@@ -449,3 +449,8 @@ def test_eval_scores_each_assistant_turn_given_the_history_before_it(tiny_llama_
     assert second["prompt"] == "And again?" and second["reference"].startswith("Still ")
     code, out = run_cli("eval", run_dir, "--max-new-tokens", "4")
     assert code == 0 and "each assistant turn scored given the history before it" in " ".join(out.split()), out
+    # train.eval_generate scores the same answers during training (up to its limit)
+    from loralab.evaluation import GenerationMetricsCallback
+
+    during = GenerationMetricsCallback(None, config, "CAUSAL_LM", held).examples
+    assert [(e.row, e.turn, e.response) for e in during] == [(e.row, e.turn, e.response) for e in expected]

@@ -278,7 +278,8 @@ def compare_prompts(run_dir: str | Path, prompts: Sequence[str | Example], setti
 
 
 class GenerationMetricsCallback(TrainerCallback):
-    """On each evaluation, generate answers for up to ``train.eval_generate_limit`` eval examples and log the scores.
+    """On each evaluation, generate answers for up to ``train.eval_generate_limit`` eval answers (a conversation gives
+    one per assistant turn, each given the history before it, as ``loralab eval`` scores them) and log the scores.
 
     The scores are added to the evaluation's metrics, to the Trainer's log history and, as one line, to metrics.jsonl.
     """
@@ -288,7 +289,7 @@ class GenerationMetricsCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.config = config
         self.task_type = task_type
-        self.examples = list(examples)[: config.train.eval_generate_limit]
+        self.examples = each_answer(examples)[0][: config.train.eval_generate_limit]
         self.metrics_path = metrics_path
         self.settings = settings or GenerationSettings(batch_size=config.train.eval_batch_size or config.train.batch_size)
 

@@ -162,10 +162,15 @@ def check_hygiene(session: Any) -> CheckResult:
     if shared:
         problems.append(("warn", f"{len(shared)} eval examples also in train (eval rows {rows_text(shared)}): "
                                  "eval loss will look better than it is"))
+    held = seen.keys() | {_key(e) for e in session.data.eval_examples}
+    test_shared = [e.row for e in getattr(session.data, "test_examples", ()) if _key(e) in held]
+    if test_shared:
+        problems.append(("warn", f"{len(test_shared)} test examples also in train or eval (test rows "
+                                 f"{rows_text(test_shared)}): the test split no longer measures unseen data"))
     details = {"empty_response": empty_response, "empty_prompt": empty_prompt, "duplicates": duplicates,
-               "train_eval_shared": shared}
+               "train_eval_shared": shared, "test_shared": test_shared}
     n = len(session.data.train_examples) + len(session.data.eval_examples)
-    return verdict("data_hygiene", problems, f"{n} examples: no empty fields, no duplicates, no train/eval overlap", details)
+    return verdict("data_hygiene", problems, f"{n} examples: no empty fields, no duplicates, no overlap between the splits", details)
 
 
 # ---------------------------------------------------------------- lengths

@@ -78,10 +78,13 @@ def shown_examples(session: Any, n: int) -> list[Shown]:
     mask = batch.get("attention_mask")
     shown: list[Shown] = []
     if task == "CAUSAL_LM" and "position_ids" in batch and mask is None:
-        by_ids = {tuple(f["input_ids"]): i for i, f in enumerate(features)}
+        by_ids: dict[tuple, list[int]] = {}  # identical examples (duplicate rows) are matched in order
+        for i, f in enumerate(features):
+            by_ids.setdefault(tuple(f["input_ids"]), []).append(i)
         for r in range(ids.shape[0]):
             for seq_ids, seq_labels in _split_packed(ids[r], labels[r], batch["position_ids"][r]):
-                index = by_ids.get(tuple(seq_ids))
+                same = by_ids.get(tuple(seq_ids))
+                index = same.pop(0) if same else None
                 if index is None:  # the row's trailing padding: its own fully masked sequence
                     if shown and all(x == IGNORE_INDEX for x in seq_labels):
                         shown[-1].title += f" (+{len(seq_ids)} padding)"
