@@ -107,3 +107,14 @@ def test_bad_mixtures_are_refused_naming_the_source(tmp_path):
                         ({"sources": [{"path": str(a), "weight": 0}]}, "greater than 0")]:
         with pytest.raises(LoralabError, match=words):
             build_config({"data": data})
+
+
+def test_a_tune_study_on_a_hub_dataset_is_told_apart_by_its_rows(dataset_dir, tmp_path):
+    from loralab.config import build_config
+    from loralab.tune import load_tune
+
+    spec = load_tune(tmp_path / "tune", build_config(overrides=[f"data.path=hub:{dataset_dir}"]))
+    first = spec.record()["data"]["train"]
+    assert first["rows"] == 12 and len(first["sha256"]) == 64
+    write_jsonl(dataset_dir / "train.jsonl", pairs("train", 13))  # other rows: another study
+    assert spec.record()["data"]["train"]["sha256"] != first["sha256"]

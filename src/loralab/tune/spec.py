@@ -45,12 +45,18 @@ class TuneSpec:
     def record(self) -> dict[str, Any]:
         """What defines the study (tune.yaml without the fingerprint): two runs of the same study agree on all of it."""
 
+        from loralab.data.sources import parse_source, source_fingerprint
         from loralab.fingerprints import data_sources
 
         base = comparable_config(self.base)
         base.pop("name", None)
         data = {}
         for role, path in data_sources(self.base.data).items():
+            source = parse_source(path)
+            if source.is_hub:  # a Hub split: the Arrow files datasets keeps of it (loaded from its cache)
+                found = source_fingerprint(source)
+                data[role] = {"sha256": found["sha256"], "rows": found["rows"]}
+                continue
             if not Path(path).exists():
                 raise LoralabError(f"data file not found: {path}")
             data[role] = _data_digest(path)
