@@ -6,7 +6,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-TaskType = Literal["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS"]
+TaskType = Literal["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANSWERING", "FEATURE_EXTRACTION"]
 TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 
 
