@@ -33,7 +33,7 @@ from loralab.models import (
     trainable_to_fp32,
 )
 from loralab.checkpoints import checkpoint_step, complete_checkpoints, resume_point
-from loralab.distributed import barrier, init_process_group, is_main_process
+from loralab.distributed import any_rank, barrier, init_process_group, is_main_process
 from loralab.fingerprints import data_record, verify_data
 from loralab.guards import GracefulInterrupt, TrainingDiverged, TrainingInterrupted, non_finite_parameter
 from loralab.precision import (FP16_OVERFLOW_TYPES, autocast, cpu_supports_bf16, gpu_precision,  # noqa: F401
@@ -220,8 +220,9 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bo
         folder.open()  # only now is an overwritten run set aside
         if hasattr(checks, "to_dict"):  # the preflight report, for `loralab ui` and later reading
             write_json_atomic(paths.checks_report, checks.to_dict())
+    interrupt = GracefulInterrupt()
     try:
-        summary = _train_session(session, folder, counts, progress, callbacks or [])
+        summary = _train_session(session, folder, counts, progress, callbacks or [], interrupt)
     except BaseException as exc:
         note = folder.failed() if main else None
         if note and isinstance(exc, LoralabError):
@@ -230,11 +231,14 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None, overwrite: bo
     if main:
         folder.finished()
     barrier()
+    if any_rank(interrupt.requested):  # Ctrl-C in the last step: the run is complete, but the caller must stop too
+        raise TrainingInterrupted(f"training was interrupted as it finished: run {paths.root} is complete (adapter "
+                                  "and summary written); nothing after training was done")
     return summary
 
 
 def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], progress: bool,
-                   extra_callbacks: list[Any]) -> dict[str, Any]:
+                   extra_callbacks: list[Any], interrupt: GracefulInterrupt | None = None) -> dict[str, Any]:
     """Train an opened run folder's session to the end: checkpoints, guards, the best adapter, summary.json."""
     config, paths = session.config, folder.paths
     main = is_main_process()
@@ -260,7 +264,7 @@ def _train_session(session: Session, folder: RunFolder, counts: dict[str, Any], 
 
         # first, so that the callbacks given to train() (e.g. tune's pruning) see the generation metrics too
         callbacks.insert(0, generation_callback(session, paths.metrics))
-    interrupt = GracefulInterrupt()
+    interrupt = interrupt or GracefulInterrupt()
     trainer = build_trainer(session, paths, progress=progress, callbacks=[interrupt, *callbacks],
                             resuming=resume_from is not None)
     started = time.perf_counter()

@@ -154,6 +154,11 @@ def record_failure(run: PlannedRun, reason: str, stage: str) -> None:
                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
+def interrupted(run: PlannedRun) -> str:
+    return (f"sweep interrupted during run {run.name}; run the same command again to resume "
+            "(finished runs are skipped, this one continues from its last checkpoint)")
+
+
 def execute_run(run: PlannedRun, spec: SweepSpec, *, prompts: list[str] | None = None, retry_failed: bool = False,
                 progress: bool = False, preflight: Callable[..., None] | None = None) -> RunOutcome:
     """Train (or resume), evaluate, and answer the prompts; a failure is recorded and returned, never raised."""
@@ -189,10 +194,11 @@ def execute_run(run: PlannedRun, spec: SweepSpec, *, prompts: list[str] | None =
                          loaded=loaded, split="test", general_text=False)
         evaluate_run(run.run_dir, limit=spec.eval_limit, settings=_generation_settings(spec), progress=progress,
                      loaded=loaded)
+    except KeyboardInterrupt:  # Ctrl-C while evaluating (training turns it into TrainingInterrupted): no failure
+        raise LoralabError(interrupted(run)) from None
     except RUN_FAILURES as exc:
         if isinstance(exc, TrainingInterrupted) or isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C
-            raise LoralabError(f"sweep interrupted during run {run.name}; run the same command again to resume "
-                               "(finished runs are skipped, this one continues from its last checkpoint)") from None
+            raise LoralabError(interrupted(run)) from None
         reason = str(exc) if isinstance(exc, LoralabError) else f"{type(exc).__name__}: {exc}"
         if stage == "eval":
             reason = f"evaluation failed: {reason}"
