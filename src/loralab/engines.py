@@ -23,10 +23,12 @@ _QUANTIZABLE = ("Linear", "Conv1D")
 def model_skeleton(hf_config: Any, task_type: str, trust_remote_code: bool = False) -> nn.Module:
     """The model built from its config on the meta device: module names and classes, no memory, no weights read."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
 
     auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
-            "SEQ_CLS": AutoModelForSequenceClassification}[task_type]
+            "SEQ_CLS": AutoModelForSequenceClassification, "FEATURE_EXTRACTION": AutoModel,
+            "QUESTION_ANSWERING": AutoModelForQuestionAnswering, "TOKEN_CLS": AutoModelForTokenClassification}[task_type]
     with init_empty_weights():
         return auto.from_config(hf_config, trust_remote_code=trust_remote_code)
 

@@ -180,6 +180,20 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit
     if run_task_type(run_dir, loaded) == "SEQ_CLS":
         return evaluate_classifier(run_dir, data_path, limit, checkpoint, (settings or GenerationSettings()).batch_size,
                                    progress, loaded, split=split)
+    if run_task_type(run_dir, loaded) == "TOKEN_CLS":  # tags per word, entity F1: loralab.tasks.token_eval
+        from loralab.tasks.token_eval import evaluate_token_classifier
+
+        return evaluate_token_classifier(run_dir, data_path, limit, checkpoint,
+                                         (settings or GenerationSettings()).batch_size, progress, loaded, split=split)
+    if run_task_type(run_dir, loaded) == "QUESTION_ANSWERING":  # spans, SQuAD EM / F1: loralab.tasks.qa_eval
+        from loralab.tasks.qa_eval import evaluate_qa
+
+        return evaluate_qa(run_dir, data_path, limit, checkpoint, (settings or GenerationSettings()).batch_size,
+                           progress, loaded, split=split)
+    if run_task_type(run_dir, loaded) == "FEATURE_EXTRACTION":  # retrieval: loralab.tasks.retrieval
+        from loralab.tasks.retrieval import evaluate_embeddings
+
+        return evaluate_embeddings(run_dir, data_path, limit, checkpoint, progress=progress, loaded=loaded, split=split)
     if limit is not None and limit < 1:
         raise LoralabError(f"--limit must be at least 1, got {limit}")
     settings = settings or GenerationSettings()
@@ -265,6 +279,19 @@ def compare_prompts(run_dir: str | Path, prompts: Sequence[str | Example], setti
 
     if prompts and run_task_type(run_dir, loaded) == "SEQ_CLS":
         return compare_classifier(run_dir, prompts, checkpoint, loaded, (settings or GenerationSettings()).batch_size)
+    if prompts and run_task_type(run_dir, loaded) == "TOKEN_CLS":  # each word's tag, base head vs trained head
+        from loralab.tasks.token_eval import compare_token_classifier
+
+        return compare_token_classifier(run_dir, prompts, checkpoint, loaded, (settings or GenerationSettings()).batch_size)
+    if prompts and run_task_type(run_dir, loaded) == "QUESTION_ANSWERING":  # prompts: QA examples (with a context)
+        from loralab.tasks.qa_eval import compare_qa, load_qa_run
+
+        return compare_qa(loaded or load_qa_run(run_dir, checkpoint), prompts,
+                          batch_size=(settings or GenerationSettings()).batch_size)
+    if prompts and run_task_type(run_dir, loaded) == "FEATURE_EXTRACTION":  # the closest eval passages
+        from loralab.tasks.retrieval import compare_embeddings
+
+        return compare_embeddings(run_dir, prompts, checkpoint, loaded)
     if not prompts:
         raise LoralabError("no prompts given; pass --prompt TEXT or --prompts-file FILE")
     run = loaded or load_run_model(run_dir, checkpoint)

@@ -122,14 +122,26 @@ def _text_field(record: dict, name: str, path: str, row: int, expected: list[str
 def parse_rows(rows: list[tuple[int, Any]], cfg: DataConfig, path: str, task_type: str,
                fmt: str | None = None) -> list[Example]:
     """Validate raw rows into Examples according to the data format (``fmt``: already detected)."""
-    fmt = "pairs" if task_type == "SEQ_CLS" else fmt or detect_format(rows, cfg, path)
+    if task_type == "QUESTION_ANSWERING":  # question / context / answers rows: loralab.tasks.qa
+        from loralab.tasks.qa import parse_qa_rows
+
+        return parse_qa_rows(rows, cfg, path)
+    if task_type == "TOKEN_CLS":  # word list / tag list rows: loralab.tasks.token_cls
+        from loralab.tasks.token_cls import parse_token_rows
+
+        return parse_token_rows(rows, cfg, path)
+    fmt = "pairs" if task_type in ("SEQ_CLS", "FEATURE_EXTRACTION") else fmt or detect_format(rows, cfg, path)
     if fmt == "text" and task_type != "CAUSAL_LM":
         raise DataError(f"{where(path)}: raw text (data.format text) trains causal LMs only, not {task_type}")
     examples = []
     for row, record in rows:
         if not isinstance(record, dict):
             raise _row_error(path, row, f"expected an object with fields, got {type(record).__name__}")
-        if task_type == "SEQ_CLS":
+        if task_type == "FEATURE_EXTRACTION":  # (anchor, positive) pairs: loralab.tasks.embeddings
+            from loralab.tasks.embeddings import parse_pair
+
+            examples.append(parse_pair(record, cfg, path, row))
+        elif task_type == "SEQ_CLS":
             text = _text_field(record, cfg.prompt_field, path, row, [cfg.prompt_field, cfg.label_field])
             if cfg.label_field not in record:
                 raise _row_error(path, row, f"missing label field {cfg.label_field!r}; found {list(record)} (set data.label_field)")

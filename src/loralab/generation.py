@@ -105,7 +105,8 @@ def check_generative(task_type: str, run_dir: str | Path) -> str:
     """The task type, if it generates text; else a clear error."""
     if task_type not in GENERATIVE_TASKS:
         hint = ("; a classifier predicts labels: `loralab eval` and `loralab compare` show them (base head vs trained head)"
-                if task_type == "SEQ_CLS" else "")
+                if task_type in ("SEQ_CLS", "TOKEN_CLS") else "; an embedding run (FEATURE_EXTRACTION) is scored by retrieval: "
+                "`loralab eval` and `loralab compare` rank its eval passages" if task_type == "FEATURE_EXTRACTION" else "")
         raise LoralabError(f"run {run_dir} is a {task_type} run; eval, compare and generate need a text-generation run "
                            f"({' or '.join(GENERATIVE_TASKS)}) to generate text{hint}")
     return task_type
@@ -133,7 +134,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
     with remote_code_allowed(True) if trust_remote_code else contextlib.nullcontext():
         check_remote_code(config, f"run {run_dir}: its config.yaml")
     task_type = resolve_task_type(config)
-    if not (allow_classifier and task_type == "SEQ_CLS"):
+    if not (allow_classifier and task_type in ("SEQ_CLS", "FEATURE_EXTRACTION", "QUESTION_ANSWERING", "TOKEN_CLS")):
         check_generative(task_type, run_dir)
     tokenizer = load_tokenizer(config.model, task_type)
     # LoftQ's adapter makes up for the 4-bit quantization error: its full-precision base is the dequantized 4-bit one
@@ -144,6 +145,14 @@ def load_run_model(run_dir: str | Path, checkpoint: str | int = "best", full_pre
         from loralab.classification import load_classifier_base
 
         base = load_classifier_base(run_dir, adapter_path, config, model_cfg, tokenizer)
+    elif task_type == "QUESTION_ANSWERING":  # a new qa_outputs head seeded as training initialised it
+        from loralab.tasks.qa import load_qa_base
+
+        base = load_qa_base(model_cfg, config.train.seed)
+    elif task_type == "TOKEN_CLS":  # a head per tag, named by them, seeded as training initialised it
+        from loralab.tasks.token_cls import load_token_base
+
+        base = load_token_base(run_dir, adapter_path, config, model_cfg)
     else:
         base = load_model(model_cfg, task_type)
     if loftq:

@@ -100,7 +100,7 @@ def unmatched_modules_to_save(model: nn.Module, entries: list[str], task_type: s
     """The ``lora.modules_to_save`` entries that match no module as PEFT matches them (a module name ending with the
     entry); for SEQ_CLS the head names are exempt (PEFT saves the head under whichever of them exists)."""
     every = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
-    exempt = CLASSIFIER_HEADS if task_type == "SEQ_CLS" else ()
+    exempt = CLASSIFIER_HEADS if task_type in ("SEQ_CLS", "TOKEN_CLS") else ()
     return [e for e in entries if e not in exempt and not any(n.endswith(e) for n in every)]
 
 
@@ -109,7 +109,7 @@ def describe_unmatched_modules_to_save(unmatched: list[str], model: nn.Module, t
     parts = [f"lora.modules_to_save {unmatched} matched no module of the model (PEFT matches a module whose name ends "
              "with the entry)"]
     heads = [e for e in unmatched if e in CLASSIFIER_HEADS]
-    if heads and task_type != "SEQ_CLS":
+    if heads and task_type not in ("SEQ_CLS", "TOKEN_CLS"):
         parts.append(f"{heads} is a classification head, which a {task_type} model does not have (set "
                      "model.task_type: SEQ_CLS to train a classifier: PEFT then trains and saves the head itself)")
     parts.append(f"modules that can be saved whole: {', '.join(saveable_module_names(model))}")
@@ -161,7 +161,8 @@ def lora_config(settings: LoraSettings, task_type: str, targets: list[str] | str
     corda = CordaConfig(corda_method=settings.corda.method) if settings.init_lora_weights == "corda" else None
     try:
         return LoraConfig(
-            task_type=settings.task_type or task_type,
+            task_type={"QUESTION_ANSWERING": "QUESTION_ANS"}.get(settings.task_type or task_type,  # peft's name
+                                                                  settings.task_type or task_type),
             target_modules=targets if targets != [] else None,
             exclude_modules=settings.exclude_modules,
             layers_to_transform=settings.layers_to_transform,

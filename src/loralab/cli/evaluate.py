@@ -96,7 +96,9 @@ def compare(run_dir: Optional[Path] = RunOrAdapterArg, prompt: Optional[list[str
             max_new_tokens: int = MaxNewTokensOpt, do_sample: bool = DoSampleOpt, temperature: Optional[float] = TemperatureOpt,
             top_k: Optional[int] = TopKOpt, top_p: Optional[float] = TopPOpt, num_beams: int = NumBeamsOpt,
             batch_size: int = BatchSizeOpt, seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt,
-            adapter: Optional[Path] = AdapterOpt, model: Optional[str] = BaseModelOpt) -> None:
+            adapter: Optional[Path] = AdapterOpt, model: Optional[str] = BaseModelOpt,
+            context: Optional[str] = typer.Option(None, "--context", help="QUESTION_ANSWERING runs: the passage the "
+                                                  "--prompt questions are answered from.")) -> None:
     """Base and adapter answers side by side for the given prompts."""
     import json
 
@@ -105,11 +107,23 @@ def compare(run_dir: Optional[Path] = RunOrAdapterArg, prompt: Optional[list[str
     _need_prompts(prompt, prompts_file)
     settings = _settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, batch_size, seed)
     run = _load_run(run_dir, checkpoint, adapter, model, allow_classifier=True)  # a classifier compares labels
+    if run.task_type == "QUESTION_ANSWERING" or context is not None:  # spans of a context: loralab.tasks.qa_eval
+        from loralab.tasks.qa_eval import compare_cli
+
+        return compare_cli(run, run_dir or adapter, checkpoint, prompt, prompts_file, context, batch_size, as_json)
     rows = compare_prompts(run_dir or adapter, _prompts(run, prompt, prompts_file), settings, loaded=run)
     run_dir = run_dir or adapter
     if as_json:
         typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
+    if run.task_type == "TOKEN_CLS":  # each word with its tag from the base head and the trained head
+        from loralab.tasks.token_eval import print_token_compare
+
+        return print_token_compare(rows, f"{run_dir} (adapter {checkpoint})")
+    if run.task_type == "FEATURE_EXTRACTION":  # the closest eval passages under the base model and the adapter
+        from loralab.tasks.retrieval import print_embedding_compare
+
+        return print_embedding_compare(rows, f"{run_dir} (adapter {checkpoint})")
     if run.task_type == "SEQ_CLS":  # label (probability) from the base head and the trained head
         table = Table("text", "base head", "trained head", title=f"{run_dir} (adapter {checkpoint})", show_lines=True)
         for row in rows:

@@ -73,6 +73,18 @@ def print_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
     """The base vs adapter scores side by side, then a few example answers."""
     if report.get("task_type") == "SEQ_CLS":
         return print_classifier_eval(report, run_dir, show)
+    if report.get("task_type") == "TOKEN_CLS":
+        from loralab.tasks.token_eval import print_token_eval
+
+        return print_token_eval(report, run_dir, show)
+    if report.get("task_type") == "QUESTION_ANSWERING":
+        from loralab.tasks.qa_eval import print_qa_eval
+
+        return print_qa_eval(report, run_dir, show)
+    if report.get("task_type") == "FEATURE_EXTRACTION":
+        from loralab.tasks.retrieval import print_embedding_eval
+
+        return print_embedding_eval(report, run_dir, show)
     title = f"{run_dir}: {report['n']} examples ({report['data']}), checkpoint {report['checkpoint']}"
     if report.get("turns"):
         title += f"; {report['turns']}"

@@ -41,6 +41,15 @@ class DataConfig(_Section):
     conversations_field: str = "conversations"  # ShareGPT: [{from, value}], from human / gpt / system / observation
     text_field: str = "text"  # raw text (continued pre-training): every token supervised, EOS appended
     label_field: str = "label"  # SEQ_CLS
+    anchor_field: str = "anchor"  # FEATURE_EXTRACTION: the query / first text of a pair
+    positive_field: str = "positive"  # FEATURE_EXTRACTION: the text that should embed close to the anchor
+    question_field: str = "question"  # QUESTION_ANSWERING: the question
+    context_field: str = "context"  # QUESTION_ANSWERING: the passage the answer is a span of
+    answer_field: str = "answers"  # QUESTION_ANSWERING: SQuAD's {text: [...], answer_start: [...]}; or flat 'answer'
+    doc_stride: int = Field(128, gt=0)  # QUESTION_ANSWERING: tokens shared by consecutive windows of a long context
+    tokens_field: str = "tokens"  # TOKEN_CLS: a sentence's words (a list)
+    tags_field: str = "tags"  # TOKEN_CLS: one tag per word (B-PER / I-LOC / O, or integers); HF's ner_tags when absent
+    tag_names: list[str] | None = None  # TOKEN_CLS: the names of integer tags (tag i is tag_names[i])
     eval_path: str | None = None  # a separate eval file instead of splitting
     eval_split: float = Field(0.2, ge=0.0, lt=1.0)  # share of the data file held out for eval (loss, checkpoints)
     test_path: str | None = None  # a held-out test file: no training, checkpoint choice or search sees it

@@ -200,6 +200,10 @@ def _build(staging: Path, cfg: DataConfig, tokenizer: Any, task_type: str, key: 
     label_ids = None
     if task_type == "SEQ_CLS":
         label_ids = vocabulary_of(r for name in ("train", "eval") for r in ExampleView(parts[name][0]).column("response"))
+    if task_type == "TOKEN_CLS":  # the tags of every word, as SEQ_CLS labels
+        from loralab.tasks.token_cls import tag_vocabulary
+
+        label_ids = tag_vocabulary(r for name in ("train", "eval") for r in ExampleView(parts[name][0]).column("response"))
     meta: dict[str, Any] = {"label_ids": label_ids, "files": {}, "packed": {}}
     for name in SPLITS:
         table, sources = parts[name]
@@ -231,6 +235,10 @@ def _build(staging: Path, cfg: DataConfig, tokenizer: Any, task_type: str, key: 
 def prepare_data(cfg: DataConfig, tokenizer: Any, task_type: str) -> PreparedData:
     """Load, validate, split and tokenize the configured data, or read it back from the cache when the same data was
     prepared with the same settings and tokenizer before."""
+    if task_type == "QUESTION_ANSWERING":  # windows of (question, context), start / end positions: loralab.tasks.qa
+        from loralab.tasks.qa import prepare_qa
+
+        return prepare_qa(cfg, tokenizer)
     uses_chat_template(tokenizer, cfg)  # a named data.template is set on the tokenizer before it is fingerprinted
     key = prepared_key(cfg, tokenizer, task_type)
     folder = cached(f"prepared-{key}", lambda staging: _build(staging, cfg, tokenizer, task_type, key))
@@ -280,7 +288,15 @@ def make_collator(tokenizer: Any, task_type: str, model: Any = None) -> Any:
     """Dynamic padding per batch: pad ids and attention 0 for inputs, -100 for labels."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-    if task_type == "SEQ_CLS":
+    if task_type in ("SEQ_CLS", "QUESTION_ANSWERING"):  # QA: start / end positions are one number per window
         return DataCollatorWithPadding(tokenizer)
+    if task_type == "FEATURE_EXTRACTION":  # anchors and positives padded apart
+        from loralab.tasks.embeddings import PairCollator
+
+        return PairCollator(tokenizer)
+    if task_type == "TOKEN_CLS":  # labels padded with -100
+        from loralab.tasks.token_cls import make_token_collator
+
+        return make_token_collator(tokenizer)
     return DataCollatorForSeq2Seq(tokenizer, model=model if task_type == "SEQ_2_SEQ_LM" else None,
                                   label_pad_token_id=IGNORE_INDEX, padding=True)

@@ -19,7 +19,8 @@ from loralab.errors import DataError
 from loralab.formats import Example
 
 PARSE_FIELDS = ("format", "prompt_field", "response_field", "input_field", "messages_field", "conversations_field",
-                "text_field", "label_field")  # the data config fields that decide how rows become examples
+                "text_field", "label_field", "anchor_field", "positive_field", "question_field", "context_field",
+                "answer_field", "tokens_field", "tags_field", "tag_names")  # the data config fields that decide how rows become examples
 
 
 class Splits(NamedTuple):

@@ -67,7 +67,8 @@ def write_examples(rows: Iterable[tuple[int, Any]], cfg: DataConfig, label: str,
     writer = ArrowWriter(features=example_features(), path=str(target), writer_batch_size=CHUNK_ROWS)
     try:
         for chunk in _chunks(rows, CHUNK_ROWS):
-            fmt = "pairs" if task_type == "SEQ_CLS" else stream.update(chunk)
+            fmt = "pairs" if task_type in ("SEQ_CLS", "FEATURE_EXTRACTION", "QUESTION_ANSWERING", "TOKEN_CLS") \
+                else stream.update(chunk)
             examples = parse_rows(chunk, cfg, label, task_type, fmt)
             for example in examples:  # a conversation's answer to train on must have text
                 error = empty_answer_error(example, cfg, label, fmt)

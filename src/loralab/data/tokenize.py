@@ -188,5 +188,13 @@ def tokenize(tokenizer: Any, example: Example, cfg: DataConfig, task_type: str, 
         return tokenize_causal(tokenizer, example, cfg)
     if task_type == "SEQ_2_SEQ_LM":
         return tokenize_seq2seq(tokenizer, example, cfg)
+    if task_type == "FEATURE_EXTRACTION":  # anchor ids as input_ids, positive ids as labels
+        from loralab.tasks.embeddings import tokenize_pair
+
+        return tokenize_pair(tokenizer, example, cfg)
+    if task_type == "TOKEN_CLS":  # each word's first sub-token labelled, the rest -100
+        from loralab.tasks.token_cls import tokenize_token_cls
+
+        return tokenize_token_cls(tokenizer, example, cfg, label_ids or {})
     return tokenize_classification(tokenizer, example, cfg, label_ids or {})
 

@@ -185,6 +185,10 @@ def export_merged(run_dir: str | Path | None, output: str | Path, checkpoint: st
     check_export_target(output, overwrite)
     if adapter is None and run_task_type(run_dir) == "SEQ_CLS":  # the trained head and the run's label names go with it
         return export_classifier(run_dir, output, checkpoint, dtype, overwrite)
+    if adapter is None and run_task_type(run_dir) == "TOKEN_CLS":  # the trained head and the run's tag names
+        from loralab.tasks.token_eval import export_token_classifier
+
+        return export_token_classifier(run_dir, output, checkpoint, dtype, overwrite)
     merged = merged_model(run_dir, checkpoint, dtype, adapter=adapter, base_model=base_model)
     report = {**merged.report, "format": "hf", "dtype": dtype, "output": str(output),
               "checks": [c.to_dict() for c in merged.comparisons]}

@@ -225,10 +225,12 @@ def coverage_targets(config: RunConfig) -> dict[str, list[str] | str | None]:
 
     hf_config = load_model_config(config.model)
     preset = default_target_modules(hf_config)
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
 
     auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
-            "SEQ_CLS": AutoModelForSequenceClassification}[resolve_task_type(config)]
+            "SEQ_CLS": AutoModelForSequenceClassification, "FEATURE_EXTRACTION": AutoModel,
+            "QUESTION_ANSWERING": AutoModelForQuestionAnswering, "TOKEN_CLS": AutoModelForTokenClassification}[resolve_task_type(config)]
     try:
         with torch.device("meta"):
             model = auto.from_config(hf_config, trust_remote_code=config.model.trust_remote_code)

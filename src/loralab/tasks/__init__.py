@@ -1,0 +1,1 @@
+"""Task types beyond text generation and sequence classification, one module each."""
