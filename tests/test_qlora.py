@@ -32,7 +32,10 @@ def test_4bit_base_trains_fp32_lora_and_records_the_quantization(tiny_llama_dir,
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and layer.base_layer.weight.quant_type == "fp4"
     assert all(p.dtype == torch.float32 for p in session.model.parameters() if p.requires_grad)
     summary = train(config, progress=False)
-    assert summary["quantization"] == {"bits": 4, "quant_type": "fp4", "double_quant": True, "compute_dtype": "float32"}
+    from loralab.precision import resolve_precision
+
+    compute = "bfloat16" if resolve_precision("auto") == "bf16" else "float32"  # bnb_4bit_compute_dtype: auto
+    assert summary["quantization"] == {"bits": 4, "quant_type": "fp4", "double_quant": True, "compute_dtype": compute}
     assert summary["gradient_checkpointing"] is True  # on by default for a quantized base
     assert summary["final_eval_loss"] < summary["base_eval_loss"] * 0.8
     assert 0 < summary["base_memory_bytes"]
@@ -84,3 +87,24 @@ def test_supervised_logits_loss_is_exact_on_a_4bit_base(tiny_llama_dir, data_fil
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert torch.allclose(param.grad, plain[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_4bit_layers_too_small_for_the_cpu_kernel_keep_the_plain_layout(tiny_llama_dir, data_file, tmp_path):
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first inference forward and fails
+    on layers narrower than a quantization block (the tiny model's 32-wide projections): those keep the plain layout."""
+    pytest.importorskip("bitsandbytes")
+    from loralab.models import keep_cpu_4bit_layout
+
+    session = setup(build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, name="small",
+                                                          **{"model.load_in_4bit": True})))
+    layers = [m for m in session.model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    small = [m for m in layers if m.in_features % 64 or m.out_features % 32]
+    assert small and not any(m.support_avx512bf16_for_cpu for m in small)
+    from bitsandbytes.functional import has_avx512bf16
+
+    fitting = [m for m in layers if m not in small]  # down_proj (64 -> 32) fits the kernel: bitsandbytes' choice kept
+    assert fitting and all(bool(m.support_avx512bf16_for_cpu) == bool(has_avx512bf16()) for m in fitting)
+    assert keep_cpu_4bit_layout(session.model) == 0  # already switched when the model loaded
+    session.model.eval()
+    with torch.no_grad():  # the forward that failed on AVX512-BF16 CPUs
+        session.model(input_ids=torch.tensor([[1, 2, 3, 4]]))

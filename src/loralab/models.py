@@ -256,7 +256,28 @@ def load_model(model_cfg: ModelConfig, task_type: str, num_labels: int | None = 
 
         # layer norms and the output layer to fp32, input gradients on; gradient checkpointing is set up by training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_cpu_4bit_layout(model)
     return model
+
+
+def keep_cpu_4bit_layout(model: nn.Module) -> int:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight for its bf16 CPU kernel at the first
+    inference forward. That kernel computes in bf16 whatever ``bnb_4bit_compute_dtype`` says, and fails for layers
+    whose input size is not a multiple of the quantization block (or whose output size is not a multiple of 32):
+    such layers, and every layer of an fp32-compute model, keep the plain layout (eval then computes as training
+    does). Returns how many layers were switched."""
+    switched = 0
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        blocksize = getattr(state, "blocksize", None) or getattr(weight, "blocksize", None) or 64
+        bf16 = getattr(module, "compute_dtype", None) == torch.bfloat16
+        if not bf16 or module.in_features % blocksize or module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
 
 
 def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
