@@ -22,8 +22,7 @@ import torch
 from loralab.config import DataConfig, ModelConfig, RunConfig
 from loralab.data import Example, label_vocabulary, load_splits, parse_rows, read_rows, tokenize_classification
 from loralab.errors import DataError, LoralabError
-from loralab.runs import RunPaths, load_run_config, read_summary, resolve_adapter, write_json_atomic, \
-    write_text_atomic
+from loralab.runs import RunPaths, load_run_config, read_summary, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -229,17 +228,9 @@ def evaluate_classifier(run_dir: str | Path, data_path: str | Path | None = None
     ``adapter`` and each prediction's probability); a file without labels gives predictions only (no eval.json).
     Returns eval.json's content with ``references`` (bool) and ``predictions`` (the rows of predictions.jsonl).
     """
-    from loralab.evaluation import _relative, check_split_choice, eval_examples, report_files
+    from loralab.evaluation import eval_examples, evaluation_config, report_source, write_evaluation
 
-    check_split_choice(split, data_path)
-
-    if limit is not None and limit < 1:
-        raise LoralabError(f"--limit must be at least 1, got {limit}")
-    if loaded is None:  # fail on a bad run, checkpoint or data file before loading any weights
-        resolve_adapter(run_dir, str(checkpoint))
-        config = load_run_config(run_dir)
-    else:
-        config = loaded.config
+    config = evaluation_config(run_dir, checkpoint, split, data_path, limit, loaded)
     if data_path is not None:
         examples, with_references = load_classification_file(data_path, config.data)
     else:
@@ -263,17 +254,10 @@ def evaluate_classifier(run_dir: str | Path, data_path: str | Path | None = None
         "task_type": "SEQ_CLS",
         "base": classification_scores(base, references) if with_references else None,
         "adapter": classification_scores(adapter, references) if with_references else None,
-        "n": len(examples),
-        "checkpoint": _relative(run.adapter_path, paths.root),
-        "data": str(data_path) if data_path is not None else f"{split} split",
-        "split": None if data_path is not None else split,
+        **report_source(run, paths, data_path, split, len(examples)),
         "labels": labels,
     }
-    report_file, predictions_file = report_files(paths, split)
-    write_text_atomic(predictions_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    if with_references:
-        write_json_atomic(report_file, report)
-    return {**report, "references": with_references, "predictions": predictions}
+    return write_evaluation(paths, split, report, predictions, with_references)
 
 
 def compare_classifier(run_dir: str | Path, prompts: Sequence[str | Example], checkpoint: str | int = "best",

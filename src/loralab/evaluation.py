@@ -238,6 +238,33 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit
         from loralab.forgetting import general_text_change
 
         report["general_text"] = general_text_change(run, None if general_text is True else general_text)
+    return write_evaluation(paths, split, report, predictions, with_references)
+
+
+def evaluation_config(run_dir: str | Path, checkpoint: str | int, split: str, data_path: str | Path | None,
+                      limit: int | None, loaded: Any = None) -> RunConfig:
+    """The run config an evaluation of any task type uses, after checking its options and (without a run in
+    memory) that the run and checkpoint exist: a bad input fails before any weights load."""
+    check_split_choice(split, data_path)
+    if limit is not None and limit < 1:
+        raise LoralabError(f"--limit must be at least 1, got {limit}")
+    if loaded is not None:
+        return loaded.config
+    resolve_adapter(run_dir, str(checkpoint))
+    return load_run_config(run_dir)
+
+
+def report_source(run: Any, paths: RunPaths, data_path: str | Path | None, split: str, n: int) -> dict[str, Any]:
+    """What every eval.json says about what it scored: ``n``, the checkpoint, the data (a file or the split)."""
+    return {"n": n, "checkpoint": _relative(run.adapter_path, paths.root),
+            "data": str(data_path) if data_path is not None else f"{split} split",
+            "split": None if data_path is not None else split}
+
+
+def write_evaluation(paths: RunPaths, split: str, report: dict[str, Any], predictions: list[dict[str, Any]],
+                     with_references: bool = True) -> dict[str, Any]:
+    """Write an evaluation of any task type: predictions.jsonl always, eval.json (the scores) only when the data
+    had references (the test split: predictions_test.jsonl / eval_test.json); returns what ``evaluate_run`` does."""
     report_file, predictions_file = report_files(paths, split)
     write_text_atomic(predictions_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     if with_references:

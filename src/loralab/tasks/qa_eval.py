@@ -24,7 +24,7 @@ import torch
 
 from loralab.errors import DataError, LoralabError
 from loralab.formats import Example
-from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
+from loralab.runs import RunPaths
 from loralab.tasks.qa import TASK, QAItem, encode_windows, parse_qa_rows, qa_item
 
 N_BEST = 20
@@ -163,16 +163,9 @@ def evaluate_qa(run_dir: str | Path, data_path: str | Path | None = None, limit:
     """Answer the eval split (``split="test"``: the test split; or every row of ``data_path``) with the base head and
     the trained head; writes ``eval.json`` (``{"task_type", "base": {exact_match, f1, n}, "adapter": {...}, ...}``,
     scores 0-100) and ``predictions.jsonl``. Returns eval.json's content with ``references`` and ``predictions``."""
-    from loralab.evaluation import _relative, check_split_choice, eval_examples, report_files
+    from loralab.evaluation import eval_examples, evaluation_config, report_source, write_evaluation
 
-    check_split_choice(split, data_path)
-    if limit is not None and limit < 1:
-        raise LoralabError(f"--limit must be at least 1, got {limit}")
-    if loaded is None:  # a bad run, checkpoint or data file fails before any weights load
-        resolve_adapter(run_dir, str(checkpoint))
-        config = load_run_config(run_dir)
-    else:
-        config = loaded.config
+    config = evaluation_config(run_dir, checkpoint, split, data_path, limit, loaded)
     if data_path is not None:
         items, with_references = load_qa_file(data_path, config.data)
     else:
@@ -192,18 +185,11 @@ def evaluate_qa(run_dir: str | Path, data_path: str | Path | None = None, limit:
         "task_type": TASK,
         "base": squad_scores([b for b, _ in base], references) if with_references else None,
         "adapter": squad_scores([a for a, _ in adapter], references) if with_references else None,
-        "n": len(items),
-        "checkpoint": _relative(run.adapter_path, paths.root),
-        "data": str(data_path) if data_path is not None else f"{split} split",
-        "split": None if data_path is not None else split,
+        **report_source(run, paths, data_path, split, len(items)),
         "n_best": N_BEST,
         "max_answer_length": MAX_ANSWER_TOKENS,
     }
-    report_file, predictions_file = report_files(paths, split)
-    write_text_atomic(predictions_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    if with_references:
-        write_json_atomic(report_file, report)
-    return {**report, "references": with_references, "predictions": predictions}
+    return write_evaluation(paths, split, report, predictions, with_references)
 
 
 CONTEXT_HINT = ("a QUESTION_ANSWERING run answers from a context: pass --prompt QUESTION with --context TEXT "

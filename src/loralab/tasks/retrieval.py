@@ -9,7 +9,6 @@ gives the eval positives most similar to each query under both.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,17 +76,10 @@ def evaluate_embeddings(run_dir: str | Path, data_path: str | Path | None = None
                         loaded: Any = None, split: str = "eval") -> dict[str, Any]:
     """Retrieval on the eval split (or ``split="test"``, or every (anchor, positive) row of ``data_path``): base
     vs adapter. Returns eval.json's content with ``references`` and ``predictions``."""
-    from loralab.evaluation import _relative, check_split_choice, eval_examples, report_files
-    from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
+    from loralab.evaluation import eval_examples, evaluation_config, report_source, write_evaluation
+    from loralab.runs import RunPaths
 
-    check_split_choice(split, data_path)
-    if limit is not None and limit < 1:
-        raise LoralabError(f"--limit must be at least 1, got {limit}")
-    if loaded is None:  # a bad run, checkpoint or data file fails before any weights load
-        resolve_adapter(run_dir, str(checkpoint))
-        config = load_run_config(run_dir)
-    else:
-        config = loaded.config
+    config = evaluation_config(run_dir, checkpoint, split, data_path, limit, loaded)
     if data_path is not None:
         from loralab.data import parse_rows, read_rows
 
@@ -118,18 +110,12 @@ def evaluate_embeddings(run_dir: str | Path, data_path: str | Path | None = None
         "task_type": TASK,
         "base": report_models["base"],
         "adapter": report_models["adapter"],
-        "n": len(examples),
+        **report_source(run, paths, data_path, split, len(examples)),
         "passages": len(passages),
-        "checkpoint": _relative(run.adapter_path, paths.root),
-        "data": str(data_path) if data_path is not None else f"{split} split",
-        "split": None if data_path is not None else split,
         "pooling": pooling.to_dict(),
         "similarity": "cosine",
     }
-    report_file, predictions_file = report_files(paths, split)
-    write_text_atomic(predictions_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    write_json_atomic(report_file, report)
-    return {**report, "references": True, "predictions": predictions}
+    return write_evaluation(paths, split, report, predictions)
 
 
 def compare_embeddings(run_dir: str | Path, prompts: Sequence[Any], checkpoint: str | int = "best",

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from loralab.errors import DataError, LoralabError
 from loralab.formats import Example
-from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
+from loralab.runs import RunPaths
 from loralab.tasks.token_cls import TASK, encode_words, first_tokens, parse_token_rows, words_and_tags
 from loralab.tasks.token_metrics import token_scores
 
@@ -110,16 +109,9 @@ def evaluate_token_classifier(run_dir: str | Path, data_path: str | Path | None 
     (``row``, ``words``, ``reference``, ``base``, ``adapter``: one tag per word); a file without tags gives
     predictions only (no eval.json). Returns eval.json's content with ``references`` (bool) and ``predictions``.
     """
-    from loralab.evaluation import _relative, check_split_choice, eval_examples, report_files
+    from loralab.evaluation import eval_examples, evaluation_config, report_source, write_evaluation
 
-    check_split_choice(split, data_path)
-    if limit is not None and limit < 1:
-        raise LoralabError(f"--limit must be at least 1, got {limit}")
-    if loaded is None:  # fail on a bad run, checkpoint or data file before loading any weights
-        resolve_adapter(run_dir, str(checkpoint))
-        config = load_run_config(run_dir)
-    else:
-        config = loaded.config
+    config = evaluation_config(run_dir, checkpoint, split, data_path, limit, loaded)
     if data_path is not None:
         examples, with_references = load_token_file(data_path, config.data)
     else:
@@ -142,17 +134,10 @@ def evaluate_token_classifier(run_dir: str | Path, data_path: str | Path | None 
         "task_type": TASK,
         "base": token_scores(base, references) if with_references else None,
         "adapter": token_scores(adapter, references) if with_references else None,
-        "n": len(examples),
-        "checkpoint": _relative(run.adapter_path, paths.root),
-        "data": str(data_path) if data_path is not None else f"{split} split",
-        "split": None if data_path is not None else split,
+        **report_source(run, paths, data_path, split, len(examples)),
         "labels": labels,
     }
-    report_file, predictions_file = report_files(paths, split)
-    write_text_atomic(predictions_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    if with_references:
-        write_json_atomic(report_file, report)
-    return {**report, "references": with_references, "predictions": predictions}
+    return write_evaluation(paths, split, report, predictions, with_references)
 
 
 def compare_token_classifier(run_dir: str | Path, prompts: Sequence[str | Example], checkpoint: str | int = "best",
