@@ -170,7 +170,7 @@ def qa_run(tiny_qa_bert, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qa-run")
     data = write_jsonl(folder / "qa.jsonl", qa_rows(24))
     config = build_config(overrides=tiny_overrides(tiny_qa_bert, data, folder / "runs", **{
-        "model.task_type": "QUESTION_ANSWERING", "train.epochs": 6, "train.learning_rate": 1e-2,
+        "model.task_type": "QUESTION_ANSWERING", "train.epochs": 6, "train.learning_rate": 5e-3,
         "data.doc_stride": 8}))
     summary = train(config, progress=False)
     return Path(summary["run"]), summary, config
@@ -179,8 +179,13 @@ def qa_run(tiny_qa_bert, tmp_path_factory):
 def test_train_loss_falls(qa_run):
     run_dir, summary, _ = qa_run
     assert summary["task_type"] == "QUESTION_ANSWERING"
-    losses = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-    assert losses[-1] < losses[0]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    # lr 1e-2 made this tiny model's curve chaotic (it failed to learn on one CPU's kernels); 5e-3 falls smoothly
+    # on every kernel path tried (ATEN_CPU_CAPABILITY default / avx2 / native, seeds 0-2: eval 3.3 -> 1.5-2.0)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    assert evals[-1] < evals[0] - 0.5
     cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg["task_type"] == "QUESTION_ANS" and "qa_outputs" in (cfg["modules_to_save"] or [])
 

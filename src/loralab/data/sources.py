@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import parse_qs
 
 from loralab.config import DataConfig
-from loralab.errors import DataError
+from loralab.errors import DataError, LoralabError
 from loralab.readers import _one_line, iter_dataset, iter_rows
 
 HUB = "hub:"
@@ -125,6 +125,19 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
     while exc is not None and seen < 8:
         yield exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
+
+
+def first_local_record(cfg: DataConfig) -> Any:
+    """The first row of the (first) data file when it is a local file, else None: what task detection looks at
+    (a Hub dataset is never downloaded just to guess its task; a file that cannot be read gives None here and its
+    own error later)."""
+    path = cfg.path or (cfg.sources[0].path if cfg.sources else None)
+    if not path or path.startswith("hub:") or not Path(path).is_file():
+        return None
+    try:
+        return next(iter(source_rows(parse_source(path))))[1]
+    except (StopIteration, LoralabError, OSError, ValueError, TypeError):
+        return None
 
 
 def source_rows(source: Source) -> Iterator[tuple[int, Any]]:

@@ -241,15 +241,14 @@ def trainer_class(session: Any) -> type:
 
 def rows_are_pairs(config: Any) -> bool:
     """Whether the first row of ``data.path`` (a local file) has anchor and positive fields and no label field."""
-    from loralab.data.sources import parse_source, source_rows
+    from loralab.data.sources import first_local_record
 
-    path = config.data.path or (config.data.sources[0].path if config.data.sources else None)
-    if not path or path.startswith("hub:") or not Path(path).is_file():
+    record = first_local_record(config.data)
+    if record is None:
         return False
     try:
-        _, record = next(iter(source_rows(parse_source(path))))
-        _pair_fields(record, config.data, path, 1)
-    except (StopIteration, DataError, LoralabError, OSError, ValueError, TypeError):
+        _pair_fields(record, config.data, config.data.path or "data", 1)
+    except (DataError, LoralabError, ValueError, TypeError):
         return False
     return isinstance(record, dict) and config.data.label_field not in record
 

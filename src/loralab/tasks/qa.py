@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -129,19 +128,16 @@ def is_qa_record(record: Any, cfg: Any) -> bool:
 def detect_qa(config: Any, found: str) -> str | None:
     """QUESTION_ANSWERING when ``model.task_type`` is unset, the first row of ``data.path`` has question and context
     fields and the model is an encoder (``found`` SEQ_CLS); a clear error for such rows on another model."""
-    from loralab.data.sources import parse_source, source_rows
+    from loralab.data.sources import first_local_record
 
-    path = config.data.path or (config.data.sources[0].path if config.data.sources else None)
-    if not path or path.startswith("hub:") or not Path(path).is_file():
-        return None
-    try:
-        _, record = next(iter(source_rows(parse_source(path))))
-    except (StopIteration, DataError, LoralabError, OSError, ValueError, TypeError):
+    record = first_local_record(config.data)
+    if record is None:
         return None
     if not is_qa_record(record, config.data) or config.data.prompt_field in record:
         return None
     if found == "SEQ_CLS":  # an encoder
         return TASK
+    path = config.data.path or config.data.sources[0].path
     raise LoralabError(f"data file {path} has {config.data.question_field!r} / {config.data.context_field!r} rows "
                        f"(extractive QA) but {config.model.name_or_path!r} is a {found} model: set "
                        "model.task_type: QUESTION_ANSWERING (best with an encoder such as BERT), or give "

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from loralab.errors import DataError, LoralabError
+from loralab.errors import LoralabError
 from loralab.formats import Example, _row_error
 
 TASK = "TOKEN_CLS"
@@ -125,19 +125,16 @@ def tag_vocabulary(responses: Iterable[str]) -> dict[str, int]:
 def detect_token_cls(config: Any, found: str) -> str | None:
     """TOKEN_CLS when ``model.task_type`` is unset, the first row of ``data.path`` has a word list and a tag list of
     the same length, and the model is an encoder (``found`` SEQ_CLS); a clear error for such rows on another model."""
-    from loralab.data.sources import parse_source, source_rows
+    from loralab.data.sources import first_local_record
 
-    path = config.data.path or (config.data.sources[0].path if config.data.sources else None)
-    if not path or path.startswith("hub:") or not Path(path).is_file():
-        return None
-    try:
-        _, record = next(iter(source_rows(parse_source(path))))
-    except (StopIteration, DataError, LoralabError, OSError, ValueError, TypeError):
+    record = first_local_record(config.data)
+    if record is None:
         return None
     if not is_token_record(record, config.data):
         return None
     if found == "SEQ_CLS":  # an encoder
         return TASK
+    path = config.data.path or config.data.sources[0].path
     raise LoralabError(f"data file {path} has {config.data.tokens_field!r} / {tags_field_of(record, config.data)!r} "
                        f"rows (token classification) but {config.model.name_or_path!r} is a {found} model: set "
                        "model.task_type: TOKEN_CLS (best with an encoder such as BERT), or give "
