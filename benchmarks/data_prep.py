@@ -2,14 +2,14 @@
 (read, validate, split, tokenize, write the cache) and cached run (read back from the cache).
 
     pip install 'loralab[bench]'        # chitchat-dataset: 7,168 real conversations (MIT), not in the default install
-    python benchmarks/data_prep.py [--sizes 10000,50000,200000] [--max-length 512]
+    python benchmarks/data_prep.py [--sizes 10000,50000,200000] [--max-length 512] [--format jsonl|json]
 
 The examples are real multi-turn conversations from the ``chitchat-dataset`` package (the BYU Chit Chat Challenge):
 the first speaker is the user, the other the assistant, consecutive messages of one speaker joined; each
 conversation cut into windows of up to 4 exchanges (what chat SFT data looks like), cycled to the size asked for, and
-written as a messages-format JSONL file. They are tokenized with the built-in model's tokenizer (SmolLM2, ChatML
-template), every assistant turn supervised. Each measurement runs in its own child process, one after another, so peak
-memory is per run: the process's peak anonymous memory (heap, sampled from /proc every 20 ms; memory-mapped Arrow
+written as a messages-format JSONL file (``--format json``: one JSON array, which the reader streams too). They are
+tokenized with the built-in model's tokenizer (SmolLM2, ChatML template), every assistant turn supervised. Each
+measurement runs in its own child process, one after another, so peak memory is per run: the process's peak anonymous memory (heap, sampled from /proc every 20 ms; memory-mapped Arrow
 pages, which the kernel can drop, are not in it) and its peak RSS (``ru_maxrss``, mapped pages included), each with
 its baseline after importing loralab and loading the tokenizer, and the largest child's RSS (the tokenizing workers,
 forked: they share the parent's pages). The children import a snapshot of loralab taken when
@@ -69,9 +69,14 @@ def conversations() -> list[list[dict[str, str]]]:
 
 
 def write_examples(path: Path, n: int, pool: list[list[dict[str, str]]]) -> None:
+    """n conversations as JSON Lines (``.jsonl``) or one pretty-printed JSON array (``.json``), written a row at a time."""
+    array = path.suffix == ".json"
     with path.open("w", encoding="utf-8") as handle:
+        handle.write("[\n" if array else "")
         for i in range(n):
-            handle.write(json.dumps({"messages": pool[i % len(pool)]}, ensure_ascii=False) + "\n")
+            row = json.dumps({"messages": pool[i % len(pool)]}, ensure_ascii=False, indent=1 if array else None)
+            handle.write(row + (",\n" if array and i < n - 1 else "\n"))
+        handle.write("]\n" if array else "")
 
 
 def anonymous_mb() -> int:
@@ -139,6 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,50000,200000")
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--format", choices=["jsonl", "json"], default="jsonl",
+                        help="the file the examples are written to: JSON Lines or one JSON array")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -155,7 +162,7 @@ def main() -> None:
         shutil.copytree(Path(loralab.__file__).parent, snapshot / "loralab", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(__file__, snapshot)
         for n in sizes:
-            path, cache = Path(tmp) / f"chats-{n}.jsonl", Path(tmp) / f"cache-{n}"
+            path, cache = Path(tmp) / f"chats-{n}.{args.format}", Path(tmp) / f"cache-{n}"
             write_examples(path, n, pool)
             first = measure(path, cache, args.max_length, snapshot)
             print(json.dumps({"examples": n, "first": first}), flush=True)
@@ -163,7 +170,8 @@ def main() -> None:
             print(json.dumps({"examples": n, "cached": cached}), flush=True)
             rows.append((n, path.stat().st_size / 2**20, first, cached))
             path.unlink()
-    print("\n| examples | JSONL | first run | examples/s | cached run | peak heap first / cached (baseline) | "
+    print(f"\n| examples | {args.format.upper()} | first run | examples/s | cached run | "
+          "peak heap first / cached (baseline) | "
           "peak RSS first / cached (baseline) | largest child RSS |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, mb, first, cached in rows:

@@ -252,3 +252,81 @@ def test_truncated_json_and_jsonl_and_stray_bytes(records, data):
         encoded[i] = data.draw(st.sampled_from([b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80"])) + encoded[i]
         stray.write_bytes(b"\n".join(encoded))
         assert "not UTF-8" in assert_data_error(stray, i + 1)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@PROPERTY
+@given(records=st.lists(st.one_of(st.fixed_dictionaries({"instruction": texts, "response": texts}),
+                                  st.integers(), st.floats(allow_nan=False), texts, st.none()), max_size=6),
+       chunk=st.integers(1, 9), indent=st.sampled_from([None, 0, 2]))
+def test_json_array_read_a_chunk_at_a_time_equals_json_loads(records, chunk, indent):
+    """Every split of the text into chunks (numbers, strings and escapes cut anywhere) reads the array json reads."""
+    import loralab.readers as readers
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.json"
+        path.write_text(json.dumps(records, ensure_ascii=False, indent=indent), encoding="utf-8")
+        old, readers.JSON_CHUNK_CHARS = readers.JSON_CHUNK_CHARS, chunk
+        try:
+            assert [r for _, r in readers.iter_rows(path)] == records
+        finally:
+            readers.JSON_CHUNK_CHARS = old
+
+
+@PROPERTY
+@given(records=records_strategy, data=st.data(), chunk=st.integers(1, 9))
+def test_json_error_line_and_column_match_json_loads_whatever_the_chunks(records, data, chunk):
+    import loralab.readers as readers
+
+    text = json.dumps(records, ensure_ascii=False, indent=1)
+    cut = data.draw(st.integers(1, len(text) - 1), label="where the damage is")
+    broken = text[:cut] + data.draw(st.sampled_from(["}", "]", ",,", "x", '"']), label="damage") + text[cut:]
+    try:
+        json.loads(broken)
+        return  # the damage happens to be valid JSON
+    except json.JSONDecodeError as exc:
+        expected = f"line {exc.lineno}, column {exc.colno}"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "broken.json"
+        path.write_text(broken, encoding="utf-8")
+        old, readers.JSON_CHUNK_CHARS = readers.JSON_CHUNK_CHARS, chunk
+        try:
+            with pytest.raises(DataError) as info:
+                list(readers.iter_rows(path))
+        finally:
+            readers.JSON_CHUNK_CHARS = old
+    if "Extra data" not in str(info.value):  # json stops at the first value; so do we, with the same place
+        assert expected in str(info.value), (str(info.value), expected)
+
+
+@pytest.mark.parametrize("name, good, bad", [
+    ("big.json", "[" + ",".join(['{"instruction": "q", "response": "a"}'] * 3000), ', {"instruction": oops}]'),
+    ("big.csv", "instruction,response\n" + "q,a\n" * 3000, 'q,"a"b\n'),
+    ("big.tsv", "instruction\tresponse\n" + "q\ta\n" * 3000, 'q\t"a"b\n'),
+    ("lines.json", "\n".join(['{"instruction": "q", "response": "a"}'] * 3000), '\n{"instruction": oops}\n'),
+])
+def test_big_text_files_stream_rows_before_the_end_is_read(tmp_path, name, good, bad):
+    """Rows come out before the rest of the file is read: a break near the end is met only after 3000 good rows."""
+    import loralab.readers as readers
+
+    path = tmp_path / name
+    path.write_text(good + bad, encoding="utf-8")
+    rows = readers.iter_rows(path)
+    first = [next(rows) for _ in range(3000)]
+    assert all(record == {"instruction": "q", "response": "a"} for _, record in first)
+    with pytest.raises(DataError, match=r"line 3002|invalid JSON|line 3001"):
+        list(rows)
+
+
+def test_one_key_wrapper_and_json_lines_saved_as_json_still_read(tmp_path):
+    rows = [{"instruction": f"q{i}", "response": "a"} for i in range(3)]
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}), encoding="utf-8")
+    assert [r for _, r in read_rows(tmp_path / "wrapped.json")] == rows
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": str(i)}]} for i in range(3)]
+    (tmp_path / "chat.json").write_text("\n".join(json.dumps(r) for r in chat) + "\n", encoding="utf-8")
+    assert read_rows(tmp_path / "chat.json") == [(i + 1, r) for i, r in enumerate(chat)]
+    (tmp_path / "one.json").write_text(json.dumps({**rows[0], "id": 1}), encoding="utf-8")
+    with pytest.raises(DataError, match="expected a JSON array of objects, got a dict"):
+        read_rows(tmp_path / "one.json")

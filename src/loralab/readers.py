@@ -1,10 +1,11 @@
 """Reading rows from data files: JSON, JSONL, CSV, TSV, Parquet and datasets saved with ``save_to_disk``.
 
 ``read_rows`` gives (number, record) pairs: the line where the record starts for JSONL, CSV and TSV, the 1-based row
-for the others. ``iter_rows`` gives the same pairs one at a time, streaming JSONL, Parquet and saved datasets (memory
-does not grow with the file; JSON arrays, CSV and TSV are parsed whole). Text files are UTF-8 (a BOM is dropped;
-UTF-16 with a BOM is accepted too). Anything that cannot be read is a one-line ``DataError`` naming the file and,
-where one is at fault, the line or row.
+for the others. ``iter_rows`` gives the same pairs one at a time and streams (memory does not grow with the file):
+JSONL, CSV and TSV a record at a time, a JSON array an element at a time, Parquet and saved datasets a batch at a
+time; a JSON object such as ``{"data": [...]}`` and UTF-16 files are parsed whole. Text files are UTF-8 (a BOM is
+dropped; UTF-16 with a BOM is accepted too). Anything that cannot be read is a one-line ``DataError`` naming the file
+and, where one is at fault, the line or row.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import codecs
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,9 +43,13 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     if suffix not in SUFFIXES:
         raise DataError(f"data file {path}: unsupported extension {suffix!r}; "
                         "expected .json, .jsonl, .csv, .tsv, .parquet or a saved dataset folder")
-    if suffix == ".jsonl" and not _starts_with_utf16_bom(path):
+    if _starts_with_utf16_bom(path):
+        return iter(_read_whole(path, suffix))
+    if suffix == ".jsonl":
         return _iter_jsonl(path)
-    return iter(_read_whole(path, suffix))
+    if suffix == ".json":
+        return _iter_json(path)
+    return _iter_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
 
 
 def _read_whole(path: Path, suffix: str) -> Rows:
@@ -136,6 +142,129 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise _json_error(path, exc, line_number) from None
 
 
+JSON_CHUNK_CHARS = 1 << 20  # characters of a .json file read at a time
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+class _JsonStream:
+    """A .json file's text read a chunk at a time, with the line and column of any position for error messages."""
+
+    def __init__(self, path: Path, handle: Any):
+        self.path, self.handle = path, handle
+        self.buf, self.pos, self.eof = "", 0, False
+        self.lines_before = 0  # newlines in the text already dropped from ``buf``
+        self.column_base = 0  # characters on the current line already dropped
+
+    def more(self) -> bool:
+        """Read another chunk (dropping what has been consumed); False at the end of the file."""
+        if self.eof:
+            return False
+        try:
+            chunk = self.handle.read(JSON_CHUNK_CHARS)
+        except UnicodeDecodeError:
+            _read_text(self.path)  # raises the message naming the line
+            raise
+        dropped = self.buf[: self.pos]
+        newlines = dropped.count("\n")
+        self.lines_before += newlines
+        self.column_base = len(dropped) - dropped.rfind("\n") - 1 if newlines else self.column_base + len(dropped)
+        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        self.eof = not chunk
+        return bool(chunk)
+
+    def skip_space(self) -> str:
+        """The next character that is not whitespace ('' at the end of the file), not consumed."""
+        while True:
+            self.pos = _JSON_SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def place(self, pos: int) -> tuple[int, int]:
+        """(line, column), 1-based, of position ``pos`` in ``buf``."""
+        newlines = self.buf.count("\n", 0, pos)
+        column = pos - self.buf.rfind("\n", 0, pos) if newlines else self.column_base + pos + 1
+        return self.lines_before + newlines + 1, column
+
+    def error(self, message: str, pos: int | None = None) -> DataError:
+        line, column = self.place(self.pos if pos is None else pos)
+        return DataError(f"data file {self.path}: invalid JSON at line {line}, column {column}: {message}")
+
+    def value(self) -> Any:
+        """Decode the JSON value that starts here, reading more of the file until it is complete."""
+        decoder = json.JSONDecoder()
+        while True:
+            try:
+                found, end = decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                if not self.eof:  # the value may go on in the next chunk (more() moves positions: decode again)
+                    self.more()
+                    continue
+                raise self.error(exc.msg, exc.pos) from None
+            except (ValueError, RecursionError) as exc:
+                line, _ = self.place(self.pos)
+                raise _json_error(self.path, exc, line) from None
+            if not self.eof and len(self.buf) - end < 64 and not self.buf[end:].strip("0123456789.eE+-"):
+                # the chunk may end inside a number (raw_decode read "12" of "12.5"): read on and decode again
+                self.more()
+                continue
+            self.pos = end
+            return found
+
+
+def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
+    """A JSON array an element at a time, JSON Lines saved as .json a line at a time; anything else (an object such
+    as ``{"data": [...]}``, a scalar, an empty file) is read whole."""
+    try:
+        handle = path.open("r", encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+    with handle:
+        stream = _JsonStream(path, handle)
+        first = stream.skip_space()
+        if first == "[":
+            stream.pos += 1
+            yield from _json_elements(stream)
+            if stream.skip_space():
+                raise stream.error("Extra data")
+            return
+        lines = first == "{" and _first_line_is_an_object(stream)
+    yield from _iter_jsonl(path) if lines else _read_json(path, _read_text(path))
+
+
+def _first_line_is_an_object(stream: _JsonStream) -> bool:
+    """Whether the file's first line is a whole JSON object with more text after it: JSON Lines saved as .json."""
+    while "\n" not in stream.buf[stream.pos :] and stream.more():
+        pass
+    line, _, rest = stream.buf[stream.pos :].partition("\n")
+    try:
+        if not isinstance(json.loads(line), dict):
+            return False
+    except (ValueError, RecursionError):
+        return False
+    while not rest.strip() and stream.more():
+        rest = stream.buf[stream.pos :].partition("\n")[2]
+    return bool(rest.strip())
+
+
+def _json_elements(stream: _JsonStream) -> Iterator[tuple[int, Any]]:
+    """The elements of an array whose ``[`` was just consumed, up to and including its ``]``."""
+    if stream.skip_space() == "]":
+        stream.pos += 1
+        return
+    row = 0
+    while True:
+        if not stream.skip_space():
+            raise stream.error("Expecting value")
+        row += 1
+        yield row, stream.value()
+        after = stream.skip_space()
+        stream.pos += 1
+        if after == "]":
+            return
+        if after != ",":
+            raise stream.error("Expecting ',' delimiter", stream.pos - 1)
+
+
 def _read_jsonl(path: Path, text: str) -> Rows:
     """One JSON value per line; lines end at "\\n" only (U+2028, U+0085 ... are text inside strings)."""
     rows = []
@@ -152,35 +281,55 @@ def _read_jsonl(path: Path, text: str) -> Rows:
 
 def _read_csv(path: Path, text: str, delimiter: str) -> Rows:
     """Rows as {header: cell}; quoted cells keep their commas, quotes and line breaks; short rows get None cells."""
-    records = _csv_records(path, text, delimiter)
-    if not records:
-        raise DataError(f"data file {path}: the file is empty; expected a header line with the field names")
-    header = _csv_header(path, *records[0])
-    rows = []
-    for line, cells in records[1:]:
+    return list(_csv_rows(path, io.StringIO(text, newline=""), delimiter))
+
+
+def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, Any]]:
+    """``_read_csv`` a record at a time from the file (UTF-8, a leading BOM dropped), with the same errors."""
+    try:
+        handle = path.open("r", encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+    with handle:
+        try:
+            yield from _csv_rows(path, handle, delimiter)
+        except UnicodeDecodeError:
+            _read_text(path)  # raises the message naming the line
+            raise
+
+
+def _csv_rows(path: Path, handle: Any, delimiter: str) -> Iterator[tuple[int, Any]]:
+    header: list[str] | None = None
+    for line, cells in _csv_records(path, handle, delimiter):
+        if header is None:
+            header = _csv_header(path, line, cells)
+            continue
         if len(cells) > len(header):
             raise DataError(f"data file {path}, line {line}: {len(cells)} fields but the header has {len(header)} "
                             "(quote cells that contain the delimiter)")
-        rows.append((line, dict(zip(header, cells + [None] * (len(header) - len(cells))))))
-    return rows
+        yield line, dict(zip(header, cells + [None] * (len(header) - len(cells))))
+    if header is None:
+        raise DataError(f"data file {path}: the file is empty; expected a header line with the field names")
 
 
-def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[int, list[str]]]:
-    """Non-blank records, each with the line where it starts."""
-    old_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    records, start = [], 1
-    try:
-        for cells in reader:
-            if cells:
-                records.append((start, cells))
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        kind = "TSV" if delimiter == "\t" else "CSV"
-        raise DataError(f"data file {path}, line {start}: malformed {kind} ({_one_line(exc)})") from None
-    finally:
-        csv.field_size_limit(old_limit)
-    return records
+def _csv_records(path: Path, handle: Any, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """Non-blank records of a text handle (opened with newline=""), each with the line where it starts."""
+    reader = csv.reader(handle, delimiter=delimiter, strict=True)
+    start = 1
+    while True:
+        old_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)  # set only while reading: the caller's code may use csv
+        try:
+            cells = next(reader, None)
+        except csv.Error as exc:
+            kind = "TSV" if delimiter == "\t" else "CSV"
+            raise DataError(f"data file {path}, line {start}: malformed {kind} ({_one_line(exc)})") from None
+        finally:
+            csv.field_size_limit(old_limit)
+        if cells is None:
+            return
+        if cells:
+            yield start, cells
+        start = reader.line_num + 1
 
 
 def _csv_header(path: Path, line: int, names: list[str]) -> list[str]:
