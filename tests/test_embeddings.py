@@ -166,6 +166,17 @@ def test_tiny_run_lowers_eval_loss_reloads_with_plain_peft_and_cli_works(tiny_be
     code, out = run_cli("generate", run_dir, "--prompt", "x")
     assert code != 0 and "retrieval" in out
 
+    # exported: the merged encoder with the pooling it trained with, loaded by plain transformers
+    code, out = run_cli("export", run_dir, "--output", tmp_path / "merged")
+    assert code == 0, out
+    merged = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    pooling = read_pooling(tmp_path / "merged")
+    assert (pooling.mode, pooling.normalize) == ("mean", True)
+    with torch.no_grad():
+        exported = embed(merged, batch["input_ids"], batch["attention_mask"], pooling)
+    assert torch.allclose(exported, ours, atol=1e-4)
+
 
 def test_task_type_is_detected_from_pairs_on_an_encoder(tiny_bert_dir, pairs_file, tmp_path):
     from loralab.config import load_config

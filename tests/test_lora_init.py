@@ -86,6 +86,7 @@ def test_residual_init_trains_and_saves_an_adapter_for_the_original_base(init, t
 
     _, summary, trained, run_dir = _run(tiny_llama_dir, data_file, tmp_path, init, **{"lora.init_lora_weights": init})
     assert summary["status"] == "finished" and summary["best_eval_loss"] < summary["base_eval_loss"]
+    assert (summary["lora_init"], summary["lora_variant"], summary["init_from"]) == (init, "lora", None)
     untouched = _logits(_base(tiny_llama_dir))
     # the initial adapter is kept; the saved adapter is a plain LoRA of twice the rank for the original base
     initial = load_file(run_dir / "adapter_init.safetensors")
@@ -244,6 +245,7 @@ def test_init_from_continues_an_adapter(tiny_llama_dir, data_file, tmp_path):
     # at step 0 the new run is the first run's trained model: its base eval loss is the first run's best
     _, second, _, _ = _run(tiny_llama_dir, data_file, tmp_path, "second", **{"lora.init_from": first_dir / "adapter"})
     assert second["base_eval_loss"] == pytest.approx(first["best_eval_loss"], rel=1e-5)
+    assert first["lora_init"] is True and second["init_from"] == str(first_dir / "adapter")
     assert second["best_eval_loss"] < first["best_eval_loss"]
     session = setup(build_config(overrides=tiny_overrides(tiny_llama_dir, data_file, tmp_path, **{
         "lora.init_from": first_dir})))  # a run folder: its adapter/

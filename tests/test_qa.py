@@ -244,3 +244,24 @@ def test_auto_detect_and_bad_data_before_training(tiny_qa_bert, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl, row 5: field 'answer': the answer 'zzz' does not occur"):
         train(config, progress=False)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_export_merges_the_span_head(qa_run, tmp_path):
+    from transformers import AutoModelForQuestionAnswering
+
+    from loralab.tasks.qa_eval import load_qa_run
+
+    run_dir, _, _ = qa_run
+    code, out = run_cli("export", run_dir, "--output", tmp_path / "merged")
+    assert code == 0, out
+    assert "AutoModelForQuestionAnswering" in out
+    merged = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "merged").eval()
+    run = load_qa_run(run_dir)
+    batch = run.tokenizer(["Where was person 3 born?"], ["Person 3 was born in Lima."], return_tensors="pt")
+    with torch.no_grad():
+        ours, theirs = run.model(**batch), merged(**batch)
+    torch.testing.assert_close(theirs.start_logits, ours.start_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs.end_logits, ours.end_logits, atol=1e-4, rtol=1e-4)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    code, out = run_cli("export", run_dir, "--output", tmp_path / "merged")
+    assert code != 0 and "not empty" in out  # never over an existing folder without --overwrite

@@ -1,12 +1,12 @@
-"""Sequence classification runs (SEQ_CLS): label names, predictions, accuracy / macro-F1, merged export.
+"""Sequence classification runs (SEQ_CLS): label names, predictions, accuracy / macro-F1.
 
 - Training maps the user's label values to ids 0..n-1 (``data.label_vocabulary``) and :func:`save_labels` writes the
   mapping next to the adapter (``adapter/labels.json``); the base model's config carries the same id2label / label2id.
 - :func:`evaluate_classifier` predicts the eval split with the trained head (adapter on) and the base head (adapter
   off: the head is in ``modules_to_save``, so the base head is the original one, untrained or new and random) and
   writes ``eval.json`` (accuracy, macro-F1) and ``predictions.jsonl`` (text, reference, base, adapter labels).
-- :func:`export_classifier` merges the adapter and saves a model that ``AutoModelForSequenceClassification`` loads
-  with the run's label names.
+- ``loralab export`` (:mod:`loralab.export.heads`) merges the adapter and saves a model that
+  ``AutoModelForSequenceClassification`` loads with the run's label names.
 """
 
 from __future__ import annotations
@@ -271,33 +271,3 @@ def compare_classifier(run_dir: str | Path, prompts: Sequence[str | Example], ch
     adapter, adapter_p = predict_labels(run, prompts, True, batch_size)
     return [{"prompt": _text(p), "base": b, "adapter": a, "base_probability": bp, "adapter_probability": ap}
             for p, b, a, bp, ap in zip(prompts, base, adapter, base_p, adapter_p)]
-
-
-# ---------------------------------------------------------------- export
-
-
-def export_classifier(run_dir: str | Path, output: str | Path, checkpoint: str = "best", dtype: str = "float32",
-                      overwrite: bool = False) -> Path:
-    """Merge a SEQ_CLS adapter (LoRA weights and the trained head) into a full-precision base and save model +
-    tokenizer; the folder loads with ``AutoModelForSequenceClassification.from_pretrained`` and the run's label names.
-
-    Before saving, the merged model's logits on the run's first texts are checked against base + adapter.
-    """
-    from loralab.export import DTYPES, check_export_target, write_export
-
-    if dtype not in DTYPES:
-        raise LoralabError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    output = Path(output)
-    check_export_target(output, overwrite)
-    run = load_classifier(run_dir, checkpoint, full_precision=True)
-    probe = ["loralab export check", "a second, longer text to check the merged classifier with padding"]
-    expected = classifier_logits(run, probe)
-    merged = run.model.merge_and_unload()
-    merged.eval()
-    run.model = merged
-    got = classifier_logits(run, probe)
-    difference = float((got - expected).abs().max())
-    if difference > 1e-3 * max(1.0, float(expected.abs().max())):
-        raise LoralabError(f"merging the adapter of {run_dir} changed the logits by up to {difference:.3g}; not exported")
-    merged.to(DTYPES[dtype])
-    return write_export(merged, run.tokenizer, output, run_dir=run_dir, checkpoint=checkpoint, dtype=dtype)

@@ -218,9 +218,12 @@ def print_export(report: dict[str, Any] | None, path: Path) -> None:
     """What ``loralab export`` checked (max |logit difference|, greedy answers) and the files it wrote, with sizes."""
     from rich.text import Text
 
-    if report is None:  # a classifier export (its own logits check)
-        console.print(f"merged model written to {path} (loads with AutoModel...from_pretrained, no peft needed)",
-                      markup=False, highlight=False)
+    if report is None or "loads_with" in report:  # a classifier, tagger, reader or encoder: its own outputs check
+        check = "" if report is None else (f"; its outputs on {report['probes']} probe inputs differ from base + "
+                                           f"adapter by at most {report['max_abs_diff_merged_vs_adapter']:.3g}")
+        loads = "AutoModel...from_pretrained" if report is None else report["loads_with"] + ".from_pretrained"
+        console.print(f"merged model written to {path}{check}; loads with {loads} (no peft needed)", markup=False,
+                      highlight=False)
         return
     what = report.get("quant") if report.get("format") == "gguf" else report.get("dtype")
     table = Table(title=f"export {report['source']} -> {path} ({what})")

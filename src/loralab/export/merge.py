@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -54,12 +54,14 @@ def check_export_target(output: Path, overwrite: bool) -> None:
 
 
 def write_export(model: Any, tokenizer: Any, output: Path, *, run_dir: str | Path, checkpoint: str, dtype: str,
-                 report: dict[str, Any] | None = None) -> Path:
-    """Save a merged model + tokenizer (+ ``export_report.json``) + marker in a staging folder, then move it into
-    place atomically."""
+                 report: dict[str, Any] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Save a merged model + tokenizer (+ what ``extra`` writes into the folder) (+ ``export_report.json``) + marker
+    in a staging folder, then move it into place atomically."""
     with written_into_place(output) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if extra is not None:
+            extra(staging)
         if report is not None:
             files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
             write_json_atomic(staging / REPORT, {**report, "files": files})
@@ -177,18 +179,15 @@ def export_merged(run_dir: str | Path | None, output: str | Path, checkpoint: st
     ``overwrite`` replaces only an earlier loralab export (a folder holding ``loralab_export.json``).
     ``adapter`` / ``base_model``: any PEFT adapter folder and its base instead of a run.
     """
-    from loralab.classification import export_classifier, run_task_type
+    from loralab.classification import run_task_type
+    from loralab.export.heads import HEAD_TASKS, export_head_model
 
     if dtype not in DTYPES:
         raise LoralabError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     output = Path(output)
     check_export_target(output, overwrite)
-    if adapter is None and run_task_type(run_dir) == "SEQ_CLS":  # the trained head and the run's label names go with it
-        return export_classifier(run_dir, output, checkpoint, dtype, overwrite)
-    if adapter is None and run_task_type(run_dir) == "TOKEN_CLS":  # the trained head and the run's tag names
-        from loralab.tasks.token_eval import export_token_classifier
-
-        return export_token_classifier(run_dir, output, checkpoint, dtype, overwrite)
+    if adapter is None and run_task_type(run_dir) in HEAD_TASKS:  # the trained head (and label names) go with it
+        return export_head_model(run_dir, output, checkpoint, dtype, overwrite)
     merged = merged_model(run_dir, checkpoint, dtype, adapter=adapter, base_model=base_model)
     report = {**merged.report, "format": "hf", "dtype": dtype, "output": str(output),
               "checks": [c.to_dict() for c in merged.comparisons]}

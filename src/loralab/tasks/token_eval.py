@@ -208,30 +208,3 @@ def print_token_compare(rows: Sequence[dict[str, Any]], title: str) -> None:
         for word, base, adapter in zip(row["words"], row["base"], row["adapter"]):
             table.add_row(word, base, adapter)
         console.print(table, markup=False)
-
-
-# ---------------------------------------------------------------- export
-
-
-def export_token_classifier(run_dir: str | Path, output: str | Path, checkpoint: str = "best", dtype: str = "float32",
-                            overwrite: bool = False) -> Path:
-    """Merge a TOKEN_CLS adapter (LoRA weights and the trained head) into a full-precision base and save model +
-    tokenizer (``AutoModelForTokenClassification.from_pretrained`` loads it with the run's tag names), after checking
-    the merged logits against base + adapter on two probe sentences."""
-    from loralab.export import DTYPES, check_export_target, write_export
-
-    if dtype not in DTYPES:
-        raise LoralabError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    output = Path(output)
-    check_export_target(output, overwrite)
-    run = load_token_classifier(run_dir, checkpoint, full_precision=True)
-    probe = [["loralab", "export", "check"], "a second , longer sentence to check the merged tagger with padding".split()]
-    expected = torch.cat(word_logits(run, probe))
-    merged = run.model.merge_and_unload()
-    merged.eval()
-    run.model = merged
-    difference = float((torch.cat(word_logits(run, probe)) - expected).abs().max())
-    if difference > 1e-3 * max(1.0, float(expected.abs().max())):
-        raise LoralabError(f"merging the adapter of {run_dir} changed the logits by up to {difference:.3g}; not exported")
-    merged.to(DTYPES[dtype])
-    return write_export(merged, run.tokenizer, output, run_dir=run_dir, checkpoint=checkpoint, dtype=dtype)
