@@ -177,6 +177,13 @@ def test_tiny_run_lowers_eval_loss_reloads_with_plain_peft_and_cli_works(tiny_be
         exported = embed(merged, batch["input_ids"], batch["attention_mask"], pooling)
     assert torch.allclose(exported, ours, atol=1e-4)
 
+    # the adapter folder alone (as another tool would hand it over): scored on --data against its base
+    code, out = run_cli("eval", "--adapter", run_dir / "adapter", "--model", tiny_bert_dir, "--data", pairs_file,
+                        "--output", tmp_path / "scored")
+    assert code == 0, out
+    outside = json.loads((tmp_path / "scored" / "eval.json").read_text())
+    assert outside["adapter"] == pytest.approx(report["adapter"]) and outside["base"] == pytest.approx(report["base"])
+
 
 def test_task_type_is_detected_from_pairs_on_an_encoder(tiny_bert_dir, pairs_file, tmp_path):
     from loralab.config import load_config

@@ -265,3 +265,29 @@ def test_export_merges_the_span_head(qa_run, tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     code, out = run_cli("export", run_dir, "--output", tmp_path / "merged")
     assert code != 0 and "not empty" in out  # never over an existing folder without --overwrite
+
+
+def test_an_outside_qa_adapter_is_scored_with_adapter_and_model(qa_run, tiny_qa_bert, tmp_path):
+    """A QUESTION_ANS adapter folder from anywhere (no run folder): eval on --data, compare, and generate refused."""
+    import shutil
+
+    run_dir, _, _ = qa_run
+    outside = tmp_path / "their-adapter"
+    shutil.copytree(run_dir / "adapter", outside)
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(6))
+    code, out = run_cli("eval", "--adapter", outside, "--model", tiny_qa_bert, "--data", data, "--output",
+                        tmp_path / "scored", "--no-general-text")
+    assert code == 0, out
+    report = json.loads((tmp_path / "scored" / "eval.json").read_text())
+    assert report["task_type"] == "QUESTION_ANSWERING" and report["adapter"]["n"] == 6
+    rows = read_jsonl(tmp_path / "scored" / "predictions.jsonl")
+    assert len(rows) == 6 and {"question", "reference", "base", "adapter"} <= set(rows[0])
+    code, out = run_cli("compare", "--adapter", outside, "--model", tiny_qa_bert, "--prompt", "Where was person 5 born?",
+                        "--context", "Person 5 was born in Porto.")
+    assert code == 0 and "trained head" in out, out
+    code, out = run_cli("generate", "--adapter", outside, "--model", tiny_qa_bert, "--prompt", "x")
+    assert code != 0 and "QUESTION_ANSWERING" in out
+    config_file = outside / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": "SEQ_CLS"}))
+    code, out = run_cli("eval", "--adapter", outside, "--model", tiny_qa_bert, "--data", data, "--no-general-text")
+    assert code != 0 and "is a SEQ_CLS adapter" in out and "label names" in out, out

@@ -15,6 +15,8 @@ from typing import Any
 from loralab.errors import LoralabError
 
 ADAPTER_CONFIG = "adapter_config.json"
+PEFT_TASK_TYPES = {"QUESTION_ANS": "QUESTION_ANSWERING"}  # peft.TaskType names that differ from loralab's
+OUTSIDE_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "QUESTION_ANSWERING", "FEATURE_EXTRACTION")
 
 
 def read_adapter_config(adapter: str | Path) -> dict[str, Any]:
@@ -49,18 +51,20 @@ def adapter_run_config(adapter: str | Path, base_model: str | None, sets: list[s
     if not base:
         raise LoralabError(f"adapter {adapter} does not name its base model; pass --model BASE")
     overrides = [f"model.name_or_path='{base}'" if "'" not in str(base) else f"model.name_or_path={base}"]
-    task_type = settings.get("task_type")
+    task_type = PEFT_TASK_TYPES.get(settings.get("task_type"), settings.get("task_type"))
     if task_type:
         overrides.append(f"model.task_type={task_type}")
     return build_config(overrides=overrides + list(sets or []), source=f"adapter {adapter}")
 
 
 def load_adapter(adapter: str | Path, base_model: str | None = None, *, full_precision: bool = False,
-                 sets: list[str] | None = None, trust_remote_code: bool = False) -> Any:
+                 sets: list[str] | None = None, trust_remote_code: bool = False, allow_classifier: bool = False) -> Any:
     """Any PEFT adapter folder on its base model, as a :class:`loralab.generation.LoadedRun` (``run_dir`` None).
 
-    Text-generation adapters only (CAUSAL_LM, SEQ_2_SEQ_LM): a classifier adapter needs the label names a loralab
-    run keeps. ``full_precision`` loads a quantized base without quantization (for merging)."""
+    Text generation (CAUSAL_LM, SEQ_2_SEQ_LM), extractive QA (QUESTION_ANS: the span head comes from the adapter's
+    ``modules_to_save``) and embedding (FEATURE_EXTRACTION: pooled as the base folder says) adapters; a classifier
+    adapter (SEQ_CLS, TOKEN_CLS) needs the label names a loralab run keeps. Without ``allow_classifier`` only text
+    generation adapters load. ``full_precision`` loads a quantized base without quantization (for merging)."""
     from loralab.config import remote_code_allowed
     from loralab.generation import attach_adapter, check_generative
     from loralab.models import load_model, load_tokenizer, resolve_task_type
@@ -68,12 +72,22 @@ def load_adapter(adapter: str | Path, base_model: str | None = None, *, full_pre
     config = adapter_run_config(adapter, base_model, sets)
     if trust_remote_code:
         config = config.model_copy(update={"model": config.model.model_copy(update={"trust_remote_code": True})})
-    task_type = check_generative(resolve_task_type(config), adapter)
+    task_type = resolve_task_type(config)
+    if task_type not in OUTSIDE_TASKS:
+        raise LoralabError(f"adapter {adapter} is a {task_type} adapter: --adapter takes {', '.join(OUTSIDE_TASKS)} "
+                           "adapters; a classifier's label names live in a loralab run folder (give RUN_DIR instead)")
+    if not allow_classifier:
+        check_generative(task_type, adapter)
     with remote_code_allowed(trust_remote_code):
         tokenizer = load_tokenizer(config.model, task_type)
         model_cfg = config.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False}) \
             if full_precision else config.model
-        base = load_model(model_cfg, task_type)
+        if task_type == "QUESTION_ANSWERING":  # a span head the base lacks: seeded, so "base head" answers repeat
+            from loralab.tasks.qa import load_qa_base
+
+            base = load_qa_base(model_cfg, config.train.seed)
+        else:
+            base = load_model(model_cfg, task_type)
     return attach_adapter(base, tokenizer, config, task_type, Path(adapter), None)
 
 
@@ -86,7 +100,8 @@ def load_model_with_adapter(source: str | Path | None, checkpoint: str = "best",
     if adapter is not None:
         if source is not None:
             raise LoralabError(f"give a run folder ({source}) or --adapter {adapter}, not both")
-        return load_adapter(adapter, base_model, full_precision=full_precision, trust_remote_code=trust_remote_code)
+        return load_adapter(adapter, base_model, full_precision=full_precision, trust_remote_code=trust_remote_code,
+                            allow_classifier=allow_classifier)
     if source is None:
         raise LoralabError("give a run folder (RUN_DIR) or --adapter PATH --model BASE")
     if base_model is not None:

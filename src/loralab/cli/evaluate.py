@@ -82,7 +82,7 @@ def eval_command(run_dir: Optional[Path] = RunOrAdapterArg,
     if adapter is not None or model is not None:  # any PEFT adapter: scored on --data, written to --output
         if data is None:
             raise LoralabError("--adapter has no run and no eval split: pass --data FILE (rows with reference answers)")
-        loaded = _load_run(run_dir, checkpoint, adapter, model)
+        loaded = _load_run(run_dir, checkpoint, adapter, model, allow_classifier=True)  # QA, embeddings too
         run_dir = output or Path(f"eval-{Path(adapter or '.').resolve().name}")
     report = evaluate_run(run_dir, data_path=data, limit=limit, checkpoint=checkpoint, settings=settings, progress=True,
                           split=split, loaded=loaded, general_text=False if no_general_text else general_text or True)
