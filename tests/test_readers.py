@@ -330,3 +330,42 @@ def test_one_key_wrapper_and_json_lines_saved_as_json_still_read(tmp_path):
     (tmp_path / "one.json").write_text(json.dumps({**rows[0], "id": 1}), encoding="utf-8")
     with pytest.raises(DataError, match="expected a JSON array of objects, got a dict"):
         read_rows(tmp_path / "one.json")
+
+
+@pytest.mark.parametrize("text", ["[" + "1" * 5000 + "e-4990]", '[{"a": "' + "x" * 50_000 + '"}]', "[0.5, -1E+2, -Infinity]"])
+def test_values_longer_than_a_chunk_and_a_failing_disk(tmp_path, text, monkeypatch):
+    """A number with more digits than int() takes before its exponent, a string of many chunks: read as json reads
+    them; a read that fails part way is one DataError, not an OSError."""
+    import loralab.readers as readers
+
+    path = tmp_path / "long.json"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(readers, "JSON_CHUNK_CHARS", 16)
+    assert [r for _, r in readers.iter_rows(path)] == json.loads(text)
+
+    real_open = Path.open
+
+    class Failing:
+        def __init__(self, handle):
+            self.handle, self.reads = handle, 0
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def read(self, *args):
+            self.reads += 1
+            if self.reads > 1:
+                raise OSError(5, "Input/output error")
+            return self.handle.read(*args)
+
+        readline = read
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: Failing(real_open(self, *a, **k)))
+    with pytest.raises(DataError, match=r"long.json: cannot read \(Input/output error\)"):
+        list(readers.iter_rows(path))

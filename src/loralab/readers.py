@@ -65,12 +65,16 @@ def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def _read_error(path: Path, exc: OSError) -> DataError:
+    return DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})")
+
+
 def _read_text(path: Path) -> str:
     """The file decoded as UTF-8 (a leading BOM dropped), or UTF-16 when it starts with a UTF-16 BOM."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+        raise _read_error(path, exc) from None
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             return raw.decode("utf-16")
@@ -115,7 +119,19 @@ def _starts_with_utf16_bom(path: Path) -> bool:
         with path.open("rb") as handle:
             return handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
     except OSError as exc:
-        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+        raise _read_error(path, exc) from None
+
+
+def _lines(path: Path, handle: Any) -> Iterator[bytes]:
+    """The lines of a binary handle; a read failing part way is a ``DataError``."""
+    while True:
+        try:
+            raw = handle.readline()
+        except OSError as exc:
+            raise _read_error(path, exc) from None
+        if not raw:
+            return
+        yield raw
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -124,9 +140,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         handle = path.open("rb")
     except OSError as exc:
-        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+        raise _read_error(path, exc) from None
     with handle:
-        for line_number, raw in enumerate(handle, start=1):
+        for line_number, raw in enumerate(_lines(path, handle), start=1):
             try:
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
@@ -144,6 +160,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 JSON_CHUNK_CHARS = 1 << 20  # characters of a .json file read at a time
 _JSON_SPACE = re.compile(r"[ \t\r\n]*")
+_DECODER = json.JSONDecoder()
 
 
 class _JsonStream:
@@ -155,15 +172,20 @@ class _JsonStream:
         self.lines_before = 0  # newlines in the text already dropped from ``buf``
         self.column_base = 0  # characters on the current line already dropped
 
-    def more(self) -> bool:
-        """Read another chunk (dropping what has been consumed); False at the end of the file."""
+    def more(self, grow: bool = False) -> bool:
+        """Read another chunk (dropping what has been consumed); False at the end of the file. ``grow``: at least as
+        much as is still unconsumed, so a value longer than a chunk is decoded a number of times that grows only
+        with the log of its size."""
         if self.eof:
             return False
+        size = max(JSON_CHUNK_CHARS, len(self.buf) - self.pos) if grow else JSON_CHUNK_CHARS
         try:
-            chunk = self.handle.read(JSON_CHUNK_CHARS)
+            chunk = self.handle.read(size)
         except UnicodeDecodeError:
             _read_text(self.path)  # raises the message naming the line
             raise
+        except OSError as exc:
+            raise _read_error(self.path, exc) from None
         dropped = self.buf[: self.pos]
         newlines = dropped.count("\n")
         self.lines_before += newlines
@@ -189,23 +211,34 @@ class _JsonStream:
         line, column = self.place(self.pos if pos is None else pos)
         return DataError(f"data file {self.path}: invalid JSON at line {line}, column {column}: {message}")
 
+    def cut_short(self, exc: ValueError) -> bool:
+        """Whether a decoding error may come from the chunk ending inside the value (then read on and decode again):
+        an error in the last few characters, a string still open, or digits running to the end."""
+        if self.eof:
+            return False
+        if isinstance(exc, json.JSONDecodeError):
+            return exc.pos >= len(self.buf) - 16 or exc.msg.startswith("Unterminated string")
+        return self.buf[-1:].isdigit()  # e.g. more digits than int() takes, which a following "e5" makes a float
+
     def value(self) -> Any:
         """Decode the JSON value that starts here, reading more of the file until it is complete."""
-        decoder = json.JSONDecoder()
         while True:
             try:
-                found, end = decoder.raw_decode(self.buf, self.pos)
+                found, end = _DECODER.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
-                if not self.eof:  # the value may go on in the next chunk (more() moves positions: decode again)
-                    self.more()
+                if self.cut_short(exc):  # more() moves positions: decode again
+                    self.more(grow=True)
                     continue
                 raise self.error(exc.msg, exc.pos) from None
             except (ValueError, RecursionError) as exc:
+                if isinstance(exc, ValueError) and self.cut_short(exc):
+                    self.more(grow=True)
+                    continue
                 line, _ = self.place(self.pos)
                 raise _json_error(self.path, exc, line) from None
             if not self.eof and len(self.buf) - end < 64 and not self.buf[end:].strip("0123456789.eE+-"):
                 # the chunk may end inside a number (raw_decode read "12" of "12.5"): read on and decode again
-                self.more()
+                self.more(grow=True)
                 continue
             self.pos = end
             return found
@@ -217,7 +250,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         handle = path.open("r", encoding="utf-8-sig", newline="")
     except OSError as exc:
-        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+        raise _read_error(path, exc) from None
     with handle:
         stream = _JsonStream(path, handle)
         first = stream.skip_space()
@@ -289,13 +322,15 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, Any]]:
     try:
         handle = path.open("r", encoding="utf-8-sig", newline="")
     except OSError as exc:
-        raise DataError(f"data file {path}: cannot read ({_one_line(exc.strerror or exc)})") from None
+        raise _read_error(path, exc) from None
     with handle:
         try:
             yield from _csv_rows(path, handle, delimiter)
         except UnicodeDecodeError:
             _read_text(path)  # raises the message naming the line
             raise
+        except OSError as exc:  # a read failing part way (a network or removable disk)
+            raise _read_error(path, exc) from None
 
 
 def _csv_rows(path: Path, handle: Any, delimiter: str) -> Iterator[tuple[int, Any]]:
