@@ -221,7 +221,7 @@ def print_export(report: dict[str, Any] | None, path: Path) -> None:
     if report is None or "loads_with" in report:  # a classifier, tagger, reader or encoder: its own outputs check
         check = "" if report is None else (f"; its outputs on {report['probes']} probe inputs differ from base + "
                                            f"adapter by at most {report['max_abs_diff_merged_vs_adapter']:.3g}")
-        loads = "AutoModel...from_pretrained" if report is None else report["loads_with"] + ".from_pretrained"
+        loads = "AutoModel...from_pretrained" if report is None else report["loads_with"]
         console.print(f"merged model written to {path}{check}; loads with {loads} (no peft needed)", markup=False,
                       highlight=False)
         return

@@ -52,9 +52,10 @@ def _encoder(run: Any) -> torch.Tensor:
     return encode(run, TEXTS, model_pooling(run.config.model), use_adapter=True)
 
 
-LOADS_WITH = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
-              "QUESTION_ANSWERING": "AutoModelForQuestionAnswering",
-              "FEATURE_EXTRACTION": "AutoModel (or sentence_transformers.SentenceTransformer)"}
+LOADS_WITH = {"SEQ_CLS": "AutoModelForSequenceClassification.from_pretrained",
+              "TOKEN_CLS": "AutoModelForTokenClassification.from_pretrained",
+              "QUESTION_ANSWERING": "AutoModelForQuestionAnswering.from_pretrained",
+              "FEATURE_EXTRACTION": "AutoModel.from_pretrained or sentence_transformers.SentenceTransformer(folder)"}
 PROBES: dict[str, Callable[[Any], torch.Tensor]] = {"SEQ_CLS": _classifier, "TOKEN_CLS": _tagger,
                                                      "QUESTION_ANSWERING": _reader, "FEATURE_EXTRACTION": _encoder}
 
