@@ -266,8 +266,11 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _first_line_is_an_object(stream: _JsonStream) -> bool:
     """Whether the file's first line is a whole JSON object with more text after it: JSON Lines saved as .json."""
-    while "\n" not in stream.buf[stream.pos :] and stream.more():
-        pass
+    searched = 0  # characters after stream.pos already searched for the line's end (more() keeps stream.pos's text)
+    while stream.buf.find("\n", stream.pos + searched) == -1:
+        searched = len(stream.buf) - stream.pos
+        if not stream.more(grow=True):
+            break
     line, _, rest = stream.buf[stream.pos :].partition("\n")
     try:
         if not isinstance(json.loads(line), dict):
