@@ -7,6 +7,7 @@ the quick subset before every ``loralab train`` and stops on a failure.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from typing import Any, Callable
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 Check = Callable[..., CheckResult]
 DATA_CHECKS: list[Check] = [check_tokenizer, check_hygiene, check_lengths, check_label_masking, check_hyperparameters]
 MODEL_CHECKS: list[Check] = [check_targets, check_data_flow, check_loss]
+# tasks whose data is not prompts and answers: their module's session_checks() names their data and model checks
+# (QA: windows and span positions; TOKEN_CLS: word / tag alignment; FEATURE_EXTRACTION: pairs)
+TASK_CHECKS = {"QUESTION_ANSWERING": "loralab.tasks.qa", "TOKEN_CLS": "loralab.tasks.token_cls",
+               "FEATURE_EXTRACTION": "loralab.tasks.embeddings"}
 
 __all__ = ["CheckReport", "CheckResult", "run_checks", "fast_preflight", "render_examples", "run_session_checks",
            "check_tokenizer", "check_hygiene", "check_lengths", "check_label_masking", "check_hyperparameters",
@@ -55,23 +60,13 @@ def _run_one(check: Check, session: Any, debug: bool, **kwargs: Any) -> CheckRes
 
 def run_session_checks(session: Any, *, fast: bool = False, debug: bool = False) -> list[CheckResult]:
     """The checks on a loaded session (data checks only when ``session.model`` is None); ``fast`` skips the cost."""
-    if session.task_type == "QUESTION_ANSWERING":  # windows and span positions, not prompts and label masks
-        from loralab.tasks.qa import session_checks as qa_checks
-
-        return qa_checks(session, _run_one, fast=fast, debug=debug)
-    if session.task_type == "TOKEN_CLS":  # word / tag alignment, not prompts and answer masks
-        from loralab.tasks.token_cls import session_checks as token_checks
-
-        return token_checks(session, _run_one, fast=fast, debug=debug)
-    if session.task_type == "FEATURE_EXTRACTION":  # pairs, not prompts and label masks
-        from loralab.tasks.embeddings import session_checks
-
-        return session_checks(session, _run_one, fast=fast, debug=debug)
-    results = [_run_one(c, session, debug) for c in DATA_CHECKS]
+    task = TASK_CHECKS.get(session.task_type)
+    data_checks, model_checks = importlib.import_module(task).session_checks() if task else (DATA_CHECKS, MODEL_CHECKS)
+    results = [_run_one(c, session, debug) for c in data_checks]
     if session.model is not None:
         results += [_run_one(c, session, debug, fast=fast) if c is check_loss else _run_one(c, session, debug)
-                    for c in MODEL_CHECKS]
-        if not fast:
+                    for c in model_checks]
+        if not fast and task is None:
             results.append(_run_one(check_cost, session, debug))
     return results
 

@@ -329,14 +329,10 @@ def check_pair_loss(session: Any, fast: bool = False) -> Any:
                                        f"{len(grads)} LoRA tensors", details)
 
 
-def session_checks(session: Any, run_one: Any, fast: bool = False, debug: bool = False) -> list[Any]:
-    """The checks of a FEATURE_EXTRACTION session (the generation-oriented ones do not apply)."""
+def session_checks() -> tuple[list[Any], list[Any]]:
+    """The data checks and model checks of a FEATURE_EXTRACTION session (the generation-oriented ones do not apply)."""
     from loralab.checks.data import check_hyperparameters
+    from loralab.checks.model import check_targets
 
-    results = [run_one(check_pairs, session, debug), run_one(check_hyperparameters, session, debug)]
-    if session.model is not None:
-        from loralab.checks.model import check_targets
-
-        results += [run_one(check_targets, session, debug), run_one(check_pair_loss, session, debug)]
-    return results
+    return [check_pairs, check_hyperparameters], [check_targets, check_pair_loss]
 

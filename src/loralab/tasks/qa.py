@@ -358,13 +358,9 @@ def check_qa_loss(session: Any, fast: bool = False) -> Any:
                                        f"of {len(grads)} trainable tensors", details)
 
 
-def session_checks(session: Any, run_one: Any, fast: bool = False, debug: bool = False) -> list[Any]:
-    """The checks of a QUESTION_ANSWERING session (the generation-oriented ones do not apply)."""
+def session_checks() -> tuple[list[Any], list[Any]]:
+    """The data checks and model checks of a QUESTION_ANSWERING session (the generation-oriented ones do not apply)."""
     from loralab.checks.data import check_hyperparameters
+    from loralab.checks.model import check_targets
 
-    results = [run_one(check_windows, session, debug), run_one(check_hyperparameters, session, debug)]
-    if session.model is not None:
-        from loralab.checks.model import check_targets
-
-        results += [run_one(check_targets, session, debug), run_one(check_qa_loss, session, debug)]
-    return results
+    return [check_windows, check_hyperparameters], [check_targets, check_qa_loss]

@@ -256,14 +256,9 @@ def check_token_labels(session: Any) -> Any:
     return verdict("token_labels", problems, ok, details)
 
 
-def session_checks(session: Any, run_one: Any, fast: bool = False, debug: bool = False) -> list[Any]:
-    """The checks of a TOKEN_CLS session (the generation-oriented ones do not apply)."""
+def session_checks() -> tuple[list[Any], list[Any]]:
+    """The data checks and model checks of a TOKEN_CLS session (the generation-oriented ones do not apply)."""
     from loralab.checks.data import check_hyperparameters
+    from loralab.checks.model import check_data_flow, check_loss, check_targets
 
-    results = [run_one(check_token_labels, session, debug), run_one(check_hyperparameters, session, debug)]
-    if session.model is not None:
-        from loralab.checks.model import check_data_flow, check_loss, check_targets
-
-        results += [run_one(check_targets, session, debug), run_one(check_data_flow, session, debug),
-                    run_one(check_loss, session, debug, fast=fast)]
-    return results
+    return [check_token_labels, check_hyperparameters], [check_targets, check_data_flow, check_loss]
