@@ -128,20 +128,12 @@ def is_qa_record(record: Any, cfg: Any) -> bool:
 def detect_qa(config: Any, found: str) -> str | None:
     """QUESTION_ANSWERING when ``model.task_type`` is unset, the first row of ``data.path`` has question and context
     fields and the model is an encoder (``found`` SEQ_CLS); a clear error for such rows on another model."""
-    from loralab.data.sources import first_local_record
+    from loralab.tasks import encoder_task_for_rows
 
-    record = first_local_record(config.data)
-    if record is None:
-        return None
-    if not is_qa_record(record, config.data) or config.data.prompt_field in record:
-        return None
-    if found == "SEQ_CLS":  # an encoder
-        return TASK
-    path = config.data.path or config.data.sources[0].path
-    raise LoralabError(f"data file {path} has {config.data.question_field!r} / {config.data.context_field!r} rows "
-                       f"(extractive QA) but {config.model.name_or_path!r} is a {found} model: set "
-                       "model.task_type: QUESTION_ANSWERING (best with an encoder such as BERT), or give "
-                       f"{config.data.prompt_field!r} / {config.data.response_field!r} rows to train a generative model")
+    cfg = config.data
+    return encoder_task_for_rows(config, found, TASK, lambda record: (
+        f"{cfg.question_field!r} / {cfg.context_field!r} rows (extractive QA)"
+        if is_qa_record(record, cfg) and cfg.prompt_field not in record else None))
 
 
 # ---------------------------------------------------------------- windows and span positions

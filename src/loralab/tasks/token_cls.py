@@ -125,20 +125,12 @@ def tag_vocabulary(responses: Iterable[str]) -> dict[str, int]:
 def detect_token_cls(config: Any, found: str) -> str | None:
     """TOKEN_CLS when ``model.task_type`` is unset, the first row of ``data.path`` has a word list and a tag list of
     the same length, and the model is an encoder (``found`` SEQ_CLS); a clear error for such rows on another model."""
-    from loralab.data.sources import first_local_record
+    from loralab.tasks import encoder_task_for_rows
 
-    record = first_local_record(config.data)
-    if record is None:
-        return None
-    if not is_token_record(record, config.data):
-        return None
-    if found == "SEQ_CLS":  # an encoder
-        return TASK
-    path = config.data.path or config.data.sources[0].path
-    raise LoralabError(f"data file {path} has {config.data.tokens_field!r} / {tags_field_of(record, config.data)!r} "
-                       f"rows (token classification) but {config.model.name_or_path!r} is a {found} model: set "
-                       "model.task_type: TOKEN_CLS (best with an encoder such as BERT), or give "
-                       f"{config.data.prompt_field!r} / {config.data.response_field!r} rows to train a generative model")
+    cfg = config.data
+    return encoder_task_for_rows(config, found, TASK, lambda record: (
+        f"{cfg.tokens_field!r} / {tags_field_of(record, cfg)!r} rows (token classification)"
+        if is_token_record(record, cfg) else None))
 
 
 # ---------------------------------------------------------------- tokens
