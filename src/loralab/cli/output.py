@@ -40,15 +40,20 @@ METRIC_LABELS = {"exact_match": "exact match (0-1)", "rouge_l": "ROUGE-L F1 (0-1
 CLASSIFIER_METRIC_LABELS = {"accuracy": "accuracy (0-1)", "macro_f1": "macro-F1 (0-1)"}
 
 
+def head_metrics_table(report: dict[str, Any], labels: dict[str, str], title: str) -> Table:
+    """A classifier's or tagger's scores (0-1): base head, trained head and the change, one row per metric."""
+    table = Table("metric", "base head", "trained head", "change", title=title)
+    for name, label in labels.items():
+        base, adapter = report["base"][name], report["adapter"][name]
+        table.add_row(label, f"{base:.3f}", f"{adapter:.3f}", f"{adapter - base:+.3f}")
+    return table
+
+
 def print_classifier_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
     """A SEQ_CLS run: accuracy and macro-F1 of the base head vs the trained head, then a few predicted labels."""
     title = f"{run_dir}: {report['n']} examples ({report['data']}), checkpoint {report['checkpoint']}"
     if report["references"]:
-        table = Table("metric", "base head", "trained head", "change", title=title)
-        for name, label in CLASSIFIER_METRIC_LABELS.items():
-            base, adapter = report["base"][name], report["adapter"][name]
-            table.add_row(label, f"{base:.3f}", f"{adapter:.3f}", f"{adapter - base:+.3f}")
-        console.print(table)
+        console.print(head_metrics_table(report, CLASSIFIER_METRIC_LABELS, title))
     else:
         console.print(f"{title}\n[yellow]no labels in {report['data']}: predictions only, no scores[/]")
     console.print(f"labels: {', '.join(report['labels'])}", markup=False, highlight=False)

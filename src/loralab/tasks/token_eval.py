@@ -168,14 +168,11 @@ def print_token_eval(report: dict[str, Any], run_dir: Path, show: int) -> None:
     """Entity F1, precision, recall and token accuracy of the base head vs the trained head; then a few sentences."""
     from rich.table import Table
 
-    from loralab.cli.output import _written, console
+    from loralab.cli.output import _written, console, head_metrics_table
 
     title = f"{run_dir}: {report['n']} sentences ({report['data']}), checkpoint {report['checkpoint']}"
     if report["references"]:
-        table = Table("metric", "base head", "trained head", "change", title=title)
-        for name, label in METRIC_LABELS.items():
-            base, adapter = report["base"][name], report["adapter"][name]
-            table.add_row(label, f"{base:.3f}", f"{adapter:.3f}", f"{adapter - base:+.3f}")
+        table = head_metrics_table(report, METRIC_LABELS, title)
         for type_, scores in report["adapter"]["per_type"].items():
             base = report["base"]["per_type"].get(type_, {}).get("f1", 0.0)
             table.add_row(f"  F1 {type_} ({scores['support']} entities)", f"{base:.3f}", f"{scores['f1']:.3f}",
