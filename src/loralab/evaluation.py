@@ -177,20 +177,21 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None, limit
     from loralab.classification import evaluate_classifier, run_task_type
 
     check_split_choice(split, data_path)
-    if run_task_type(run_dir, loaded) == "SEQ_CLS":
+    task = run_task_type(run_dir, loaded)  # reads the run's config (and perhaps the model's and a data row): once
+    if task == "SEQ_CLS":
         return evaluate_classifier(run_dir, data_path, limit, checkpoint, (settings or GenerationSettings()).batch_size,
                                    progress, loaded, split=split)
-    if run_task_type(run_dir, loaded) == "TOKEN_CLS":  # tags per word, entity F1: loralab.tasks.token_eval
+    if task == "TOKEN_CLS":  # tags per word, entity F1: loralab.tasks.token_eval
         from loralab.tasks.token_eval import evaluate_token_classifier
 
         return evaluate_token_classifier(run_dir, data_path, limit, checkpoint,
                                          (settings or GenerationSettings()).batch_size, progress, loaded, split=split)
-    if run_task_type(run_dir, loaded) == "QUESTION_ANSWERING":  # spans, SQuAD EM / F1: loralab.tasks.qa_eval
+    if task == "QUESTION_ANSWERING":  # spans, SQuAD EM / F1: loralab.tasks.qa_eval
         from loralab.tasks.qa_eval import evaluate_qa
 
         return evaluate_qa(run_dir, data_path, limit, checkpoint, (settings or GenerationSettings()).batch_size,
                            progress, loaded, split=split)
-    if run_task_type(run_dir, loaded) == "FEATURE_EXTRACTION":  # retrieval: loralab.tasks.retrieval
+    if task == "FEATURE_EXTRACTION":  # retrieval: loralab.tasks.retrieval
         from loralab.tasks.retrieval import evaluate_embeddings
 
         return evaluate_embeddings(run_dir, data_path, limit, checkpoint, progress=progress, loaded=loaded, split=split)
@@ -304,18 +305,19 @@ def compare_prompts(run_dir: str | Path, prompts: Sequence[str | Example], setti
     """
     from loralab.classification import compare_classifier, run_task_type
 
-    if prompts and run_task_type(run_dir, loaded) == "SEQ_CLS":
+    task = run_task_type(run_dir, loaded) if prompts else None
+    if task == "SEQ_CLS":
         return compare_classifier(run_dir, prompts, checkpoint, loaded, (settings or GenerationSettings()).batch_size)
-    if prompts and run_task_type(run_dir, loaded) == "TOKEN_CLS":  # each word's tag, base head vs trained head
+    if task == "TOKEN_CLS":  # each word's tag, base head vs trained head
         from loralab.tasks.token_eval import compare_token_classifier
 
         return compare_token_classifier(run_dir, prompts, checkpoint, loaded, (settings or GenerationSettings()).batch_size)
-    if prompts and run_task_type(run_dir, loaded) == "QUESTION_ANSWERING":  # prompts: QA examples (with a context)
+    if task == "QUESTION_ANSWERING":  # prompts: QA examples (with a context)
         from loralab.tasks.qa_eval import compare_qa, load_qa_run
 
         return compare_qa(loaded or load_qa_run(run_dir, checkpoint), prompts,
                           batch_size=(settings or GenerationSettings()).batch_size)
-    if prompts and run_task_type(run_dir, loaded) == "FEATURE_EXTRACTION":  # the closest eval passages
+    if task == "FEATURE_EXTRACTION":  # the closest eval passages
         from loralab.tasks.retrieval import compare_embeddings
 
         return compare_embeddings(run_dir, prompts, checkpoint, loaded)
