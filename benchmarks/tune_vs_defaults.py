@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--seeds", default=None, help="seeds every config is trained with (default 1,2,3; --quick: 1,2)")
     parser.add_argument("--output", type=Path, default=None, help="where the data, the tune and the runs go")
     parser.add_argument("--train", type=int, default=240, help="training sentences (default 240)")
-    parser.add_argument("--eval-limit", type=int, default=24, help="eval sentences each trial evaluation answers")
+    parser.add_argument("--eval-limit", type=int, default=32, help="eval sentences each trial evaluation answers (default 32)")
     args = parser.parse_args()
 
     import transformers

@@ -195,3 +195,42 @@ def test_base_answers_are_made_once_for_runs_of_the_same_base(loaded, llama_run,
         frozen[0, 0] += 1.0  # another base (an init that rewrote a weight): answered anew
     generate_answers(again, PROMPTS, SETTINGS, use_adapter=False)
     assert len(calls) == 3 * made
+
+
+def test_a_batch_that_runs_out_of_memory_is_answered_in_halves(loaded, monkeypatch, caplog):
+    real = type(loaded.model).generate
+    sizes = []
+
+    def generate(self, *args, **kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        sizes.append(rows)
+        if rows > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    expected = generate_answers(loaded, PROMPTS, SETTINGS)
+    monkeypatch.setattr(type(loaded.model), "generate", generate)
+    with caplog.at_level(logging.WARNING, logger="loralab.generation"):
+        assert generate_answers(loaded, PROMPTS, SETTINGS) == expected  # same answers, same order
+    assert sizes[0] == len(PROMPTS) and sizes.count(1) == len(PROMPTS)
+    assert "ran out of memory; trying 2 at a time" in caplog.text
+    monkeypatch.setattr(type(loaded.model), "generate",
+                        lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):  # one prompt that does not fit is the user's to see
+        generate_answers(loaded, PROMPTS[:1], SETTINGS)
+
+
+def test_training_generation_fits_new_tokens_to_the_references_and_batches_widely(loaded):
+    from loralab.generation import TRAINING_GENERATE_BATCH, answer_token_budget, training_generation_settings
+
+    tok = loaded.tokenizer
+    long_answer = " ".join(["word"] * 300)
+    assert answer_token_budget(tok, ["cold"]) == 16  # at least 16
+    ten = "one two three four five six seven eight nine ten"
+    n = len(tok(ten, add_special_tokens=False)["input_ids"])
+    assert answer_token_budget(tok, ["cold", ten]) == max(16, n + n // 2 + 8)
+    assert answer_token_budget(tok, [long_answer]) == 256
+    settings = training_generation_settings(loaded.config, tok, ["cold"])
+    assert settings.batch_size == max(loaded.config.train.batch_size, TRAINING_GENERATE_BATCH) and not settings.do_sample
+    own = loaded.config.model_copy(update={"train": loaded.config.train.model_copy(update={"eval_batch_size": 3})})
+    assert training_generation_settings(own, tok, ["cold"]).batch_size == 3  # the user's eval batch size wins

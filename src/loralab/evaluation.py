@@ -22,6 +22,7 @@ from loralab.generation import (
     generate_answers,
     load_run_model,
     model_device,
+    training_generation_settings,
 )
 from loralab.metrics import METRIC_NAMES, score_corpus, score_pair
 from loralab.models import resolve_task_type
@@ -347,7 +348,8 @@ class GenerationMetricsCallback(TrainerCallback):
         self.task_type = task_type
         self.examples = each_answer(examples)[0][: config.train.eval_generate_limit]
         self.metrics_path = metrics_path
-        self.settings = settings or GenerationSettings(batch_size=config.train.eval_batch_size or config.train.batch_size)
+        self.settings = settings or training_generation_settings(config, tokenizer,
+                                                                 [e.response for e in self.examples])
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, metrics: dict | None = None,
                     **kwargs: Any) -> None:
