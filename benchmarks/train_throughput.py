@@ -1,10 +1,12 @@
 """Training throughput: the usual LoRA recipe vs. a well-tuned plain transformers+peft run vs. loralab's default.
 
-    python benchmarks/train_throughput.py [--quick] [--examples N] [--recipes usual,plain,loralab]
+    python benchmarks/train_throughput.py [--quick] [--examples N] [--recipes usual,plain,loralab] [--datasets demo,alpaca]
 
 All recipes train the built-in model (SmolLM2-135M-Instruct) with LoRA r=16, alpha=32, dropout 0.05 on all linear
-layers of the decoder, learning rate 3e-4, one epoch over the same examples of the demo dataset, formatted with the
-same chat template and masked the same way (prompt and padding -100, response + EOS supervised). Each recipe runs in
+layers of the decoder, learning rate 3e-4, one epoch over the same examples, formatted with the same chat template
+and masked the same way (prompt and padding -100, response + EOS supervised). Two datasets, each timed with every
+recipe: ``demo`` (the bundled demo dataset: short counselling answers, loralab's own data) and ``alpaca`` (generated
+alpaca-shaped pairs nobody tuned for: instruction 10-60 tokens, response 20-80 tokens, uniform, 400 by default). Each recipe runs in
 its own child process, one after another (never two at once: they would share the cores), so peak memory is
 per recipe. Throughput counts the same tokens for every recipe: each example's supervised tokens, and each
 example's non-pad prompt+response tokens; "processed" tokens include padding. The final loss is computed the same
@@ -38,8 +40,48 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ---------------------------------------------------------------- shared by all recipes
 
 
-def examples(n: int) -> list[dict[str, str]]:
-    """The first n training examples of the demo dataset (loralab's own 80/20 split, seed 42)."""
+DATASETS = ("demo", "alpaca")
+DEFAULT_EXAMPLES = {"demo": 254, "alpaca": 400}
+WORDS = ("the a of to and in is it that for on with as was at by this be from or have an are not which you they "
+         "we can all one there when would what more out about so up into some time only new could people like other "
+         "than then now look two way first find use water long day make thing see know get write number sound place "
+         "year work back give most very after word little just name good sentence man think say great where help "
+         "through much before line right too mean old any same tell boy follow came want show also around form three "
+         "small set put end does another well large must big even such because turn here why ask went men read need "
+         "land different home us move try kind hand picture again change off play spell air away animal house point "
+         "page letter mother answer found study still learn should America world high every near add food between own "
+         "below country plant last school father keep tree never start city earth eye light thought head under story "
+         "saw left few while along might close something seem next hard open example begin life always those both paper "
+         "together got group often run important until children side feet car mile night walk white sea began grow took "
+         "river four carry state once book hear stop without second later miss idea enough eat face watch far Indian "
+         "real almost let above girl sometimes mountain cut young talk soon list song being leave family it's").split()
+
+
+def alpaca_shaped(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """n generated instruction/response pairs of the shape of alpaca-style data: the instruction 10-60 tokens, the
+    response 20-80 tokens of SmolLM2's tokenizer (uniform), made of common English words and punctuation."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer, rng = AutoTokenizer.from_pretrained(model_path()), random.Random(seed)
+
+    def text(tokens: int) -> str:
+        words: list[str] = []
+        while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < tokens:
+            word = rng.choice(WORDS)
+            words.append(word.capitalize() if not words or words[-1].endswith(".") else word)
+            if rng.random() < 0.08:
+                words[-1] += rng.choice([".", ",", "?", ":"])
+        return " ".join(words)
+
+    return [{"instruction": text(rng.randint(10, 60)), "response": text(rng.randint(20, 80))} for _ in range(n)]
+
+
+def examples(n: int, dataset: str = "demo") -> list[dict[str, str]]:
+    """The first n training examples of the demo dataset (loralab's own 80/20 split, seed 42), or n alpaca-shaped ones."""
+    if dataset == "alpaca":
+        return alpaca_shaped(n)
     from loralab.config import DataConfig
     from loralab.data import load_examples, split_examples
 
@@ -153,13 +195,13 @@ def recipe_loralab(records, out: str, batch: int | None, extra: list[str]) -> tu
     return trainer, session.collator, config.train.batch_size
 
 
-def run_child(name: str, n: int, batch: int | None, extra: list[str]) -> dict:
+def run_child(name: str, n: int, batch: int | None, extra: list[str], dataset: str = "demo") -> dict:
     """Train one recipe and measure it (called in a fresh process)."""
     from loralab.config import TrainConfig
     from loralab.precision import resolve_precision
 
     torch.manual_seed(0)
-    records = examples(n)
+    records = examples(n, dataset)
     batch = BATCH[name] or batch or TrainConfig().batch_size
     with tempfile.TemporaryDirectory() as out:
         if name in ("loralab", "qlora"):  # qlora: loralab's path on a 4-bit NF4 base (model.load_in_4bit)
@@ -194,46 +236,25 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer examples (about 8 minutes on 2 cores)")
-    parser.add_argument("--examples", type=int, default=None, help="number of training examples (default 254, quick 80)")
-    parser.add_argument("--recipes", default="usual,plain,loralab")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="batch size of the plain and loralab recipes (default: loralab's default); usual uses 5")
-    parser.add_argument("--loralab-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for the loralab recipe, for ablations (e.g. train.packing=true)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args()
-    n = args.examples or (80 if args.quick else 254)
-    if args.child:
-        print(json.dumps(run_child(args.child, n, args.batch_size, args.loralab_set)))
-        return
-
-    from loralab.data import IGNORE_INDEX  # noqa: F401  (fail early if loralab is not installed)
+def run_dataset(dataset: str, n: int, args: argparse.Namespace, peaks: dict[str, float], flops_per_token: float) -> dict:
+    """Every recipe on one dataset, one after another; prints the table and returns the results."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path())
-    encoded = [encode(tokenizer, r) for r in examples(n)]
+    encoded = [encode(tokenizer, r) for r in examples(n, dataset)]
     tokens = sum(len(ids) for ids, _ in encoded)
     supervised = sum(sum(1 for x in labels if x != -100) for _, labels in encoded)
-    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_path()).parameters())
-    flops_per_token = 4 * params  # forward 2N + backward (activation gradients) 2N; LoRA's own share is negligible
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"{n} examples, {tokens} non-pad tokens ({supervised} supervised); model {params / 1e6:.1f}M params")
-    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
-
+    print(f"\n[{dataset}] {n} examples, {tokens} non-pad tokens ({supervised} supervised)", flush=True)
     results = []
     for name in args.recipes.split(","):
-        command = [sys.executable, __file__, "--child", name, "--examples", str(n)]
+        command = [sys.executable, __file__, "--child", name, "--examples", str(n), "--datasets", dataset]
         if args.batch_size:
             command += ["--batch-size", str(args.batch_size)]
         command += [arg for item in args.loralab_set for arg in ("--loralab-set", item)]
         child = subprocess.run(command, capture_output=True, text=True,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"})
         if child.returncode != 0:
-            sys.exit(f"recipe {name} failed:\n{child.stderr[-3000:]}")
+            sys.exit(f"recipe {name} failed on {dataset}:\n{child.stderr[-3000:]}")
         result = json.loads(child.stdout.strip().splitlines()[-1])
         result["supervised_tokens_per_s"] = supervised / result["seconds"]
         result["tokens_per_s"] = tokens / result["seconds"]
@@ -245,22 +266,57 @@ def main() -> None:
 
     header = f"{'recipe':8s} {'sup tok/s':>10s} {'tok/s':>8s} {'proc tok/s':>10s} {'s/step':>7s} {'batch':>5s} " \
              f"{'peak MiB':>9s} {'final loss':>10s} {'MFU':>6s}"
-    print("\n" + header + "\n" + "-" * len(header))
+    print(f"\n[{dataset}]\n" + header + "\n" + "-" * len(header))
     for r in results:
         print(f"{r['recipe']:8s} {r['supervised_tokens_per_s']:10.1f} {r['tokens_per_s']:8.1f} {r['processed_tokens_per_s']:10.1f} "
               f"{r['seconds_per_step']:7.2f} {r['batch_size']:5d} {r['peak_rss_mib']:9.0f} {r['final_loss']:10.4f} {r['mfu']:6.1%}")
+    return {"examples": n, "tokens": tokens, "supervised": supervised, "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer examples (80 per dataset)")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="training examples per dataset (default: demo 254, alpaca 400; quick 80)")
+    parser.add_argument("--recipes", default="usual,plain,loralab")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {', '.join(DATASETS)}")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size of the plain and loralab recipes (default: loralab's default); usual uses 5")
+    parser.add_argument("--loralab-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the loralab recipe, for ablations (e.g. train.packing=true)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown or not datasets:
+        sys.exit(f"--datasets: unknown {unknown or args.datasets!r}; choose from {', '.join(DATASETS)}")
+    size = lambda dataset: args.examples or (80 if args.quick else DEFAULT_EXAMPLES[dataset])  # noqa: E731
+    if args.child:
+        print(json.dumps(run_child(args.child, size(datasets[0]), args.batch_size, args.loralab_set, datasets[0])))
+        return
+
+    from loralab.data import IGNORE_INDEX  # noqa: F401  (fail early if loralab is not installed)
+
+    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_path()).parameters())
+    flops_per_token = 4 * params  # forward 2N + backward (activation gradients) 2N; LoRA's own share is negligible
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"model {params / 1e6:.1f}M params; matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    runs = {dataset: run_dataset(dataset, size(dataset), args, peaks, flops_per_token) for dataset in datasets}
     print("MFU: 4 x params FLOPs per non-pad token against the measured matmul peak of the recipe's precision.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"examples": n, "tokens": tokens, "supervised": supervised, "peaks": peaks,
-                                               "results": results}, indent=2))
-    by_name = {r["recipe"]: r for r in results}
-    if "usual" in by_name and "loralab" in by_name:
-        speedup = by_name["loralab"]["supervised_tokens_per_s"] / by_name["usual"]["supervised_tokens_per_s"]
-        print(f"speedup_supervised_tokens_per_s: {speedup:.2f}")
-    if "qlora" in by_name and "loralab" in by_name:
-        q, lora = by_name["qlora"], by_name["loralab"]
-        print(f"qlora_vs_lora: tok/s {q['tokens_per_s'] / lora['tokens_per_s']:.2f}x, "
-              f"peak memory {q['peak_rss_mib'] / lora['peak_rss_mib']:.2f}x")
+        Path(args.json).write_text(json.dumps({"peaks": peaks, "datasets": runs}, indent=2))
+    for dataset, run in runs.items():
+        by_name = {r["recipe"]: r for r in run["results"]}
+        if dataset == "demo" and "usual" in by_name and "loralab" in by_name:
+            speedup = by_name["loralab"]["supervised_tokens_per_s"] / by_name["usual"]["supervised_tokens_per_s"]
+            print(f"speedup_supervised_tokens_per_s: {speedup:.2f}")
+        if "plain" in by_name and "loralab" in by_name:
+            print(f"speedup_vs_plain_{dataset}: {by_name['loralab']['tokens_per_s'] / by_name['plain']['tokens_per_s']:.2f}")
+        if "qlora" in by_name and "loralab" in by_name:
+            q, lora = by_name["qlora"], by_name["loralab"]
+            print(f"qlora_vs_lora_{dataset}: tok/s {q['tokens_per_s'] / lora['tokens_per_s']:.2f}x, "
+                  f"peak memory {q['peak_rss_mib'] / lora['peak_rss_mib']:.2f}x")
 
 
 if __name__ == "__main__":

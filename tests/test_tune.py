@@ -502,6 +502,36 @@ def held_out_study(tiny_llama_dir, data_file, tmp_path_factory):
     return spec, searched
 
 
+def test_the_base_config_as_a_point_of_the_space():
+    from loralab.tune.space import Param, base_point
+
+    base = build_config(overrides=["lora.r=16", "lora.alpha=32", "lora.dropout=0.05", "train.learning_rate=3e-4",
+                                   "train.epochs=2"])
+    params = {"train.learning_rate": Param("train.learning_rate", "float", low=1e-5, high=1e-3, log=True),
+              "lora.r": Param("lora.r", "categorical", choices=[4, 8, 16, 32]),
+              "lora.alpha_ratio": Param("lora.alpha_ratio", "categorical", choices=[0.5, 1.0, 2.0, 4.0]),
+              "lora.dropout": Param("lora.dropout", "float", low=0.0, high=0.1),
+              "lora.coverage": Param("lora.coverage", "categorical", choices=["attention", "preset"]),
+              "train.epochs": Param("train.epochs", "categorical", choices=[1, 2, 3]),
+              "train.warmup": Param("train.warmup", "int", low=1, high=10)}
+    coverages = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "preset": None}
+    point = base_point(base, params, coverages)
+    assert point == {"train.learning_rate": 3e-4, "lora.r": 16, "lora.alpha_ratio": 2.0, "lora.dropout": 0.05,
+                     "lora.coverage": "preset", "train.epochs": 2}  # warmup 0.05 is no integer of 1..10: sampled
+    assert type(point["train.epochs"]) is int  # the choice itself, not the config's 2.0
+    outside = build_config(overrides=["lora.r=12", "lora.alpha=24", "train.learning_rate=5e-2", "lora.target_modules=[q_proj]"])
+    assert set(base_point(outside, params, coverages)) == {"lora.alpha_ratio", "lora.dropout", "train.epochs"}
+    flag = Param("train.packing", "categorical", choices=[1, 0])
+    assert flag.holds(True) is None and Param("x", "categorical", choices=[True, False]).holds(True) is True
+
+
+def test_a_new_study_starts_from_the_base_config(held_out_study):
+    spec, result = held_out_study
+    first = result.trials[0]
+    assert first.values["lora.r"] == spec.base.lora.r == 8  # the base config's r, not a draw
+    assert load_config(Path(first.run_dir) / "config.yaml").lora.r == 8
+
+
 def test_the_best_trial_is_scored_on_the_test_split_no_trial_saw(held_out_study):
     from loralab.data import load_all_splits
 

@@ -75,7 +75,8 @@ def run_tune(spec: TuneSpec, *, budget_s: float | None = None, trials: int | Non
              enqueue: Iterable[dict[str, Any]] = (), keep_checkpoints: bool = False) -> TuneResult:
     """Run (or continue) a tune: the range test, then trials until ``trials`` new ones ran or ``budget_s`` seconds
     (wall clock, from this call, measured with ``clock``) would be exceeded by the next one, then best.yaml and the
-    report. ``lr_only`` stops after the range test. ``enqueue``: trial values to try first (``{"lora.r": 8, ...}``).
+    report. ``lr_only`` stops after the range test. ``enqueue``: trial values to try first (``{"lora.r": 8, ...}``;
+    without them a new study's first trial is the base config's own values).
     ``on_progress`` gets a :class:`TuneProgress` after each trial.
 
     After the search the best trial is scored on the data's held-out test split (when it holds one out).
@@ -115,7 +116,8 @@ def run_tune(spec: TuneSpec, *, budget_s: float | None = None, trials: int | Non
     del prepared, tokenizer
 
     n_train = len(data.train)
-    study, storage, summary = open_study(spec, space_summary(spec, test, n_train))
+    enqueue = list(enqueue)
+    study, storage, summary = open_study(spec, space_summary(spec, test, n_train), base_first=not enqueue)
     result.space = summary
     result.requeued = requeue_interrupted(study, storage)
     for values in enqueue:

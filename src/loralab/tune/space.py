@@ -65,6 +65,20 @@ class Param:
                     return copy.deepcopy(choice)
         return value
 
+    def holds(self, value: Any) -> Any:
+        """``value`` as this parameter's own value (the equal choice, a number in the range), or None outside it."""
+        if value is None:
+            return None
+        if self.kind == "categorical":  # True is not the choice 1, nor 1.0 the choice True
+            return next((copy.deepcopy(c) for c in self.choices or []
+                         if c == value and isinstance(c, bool) == isinstance(value, bool)), None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not float(self.low) <= float(value) <= float(self.high):
+            return None
+        if self.kind == "int":
+            return int(value) if float(value).is_integer() else None
+        return float(value)
+
     @property
     def fixed(self) -> bool:
         return self.kind == "categorical" and len(self.choices or []) == 1
@@ -332,6 +346,27 @@ def trial_config(base: RunConfig, values: dict[str, Any], *, name: str, output_d
         if eval_limit:
             train["eval_generate_limit"] = eval_limit
     return build_config(data, source=f"tune trial {name}")
+
+
+def base_point(base: RunConfig, params: dict[str, Param], coverages: dict[str, Any]) -> dict[str, Any]:
+    """The base config as a point of the space: each searched key's value in the base config where the space holds it
+    (Optuna's encoding; a key whose base value lies outside is left to the sampler). The first trial of a new study
+    trains it, so the search starts from the user's own config (loralab's defaults if none) and the best trial is
+    never worse on the eval split than that config."""
+    data = base.model_dump(mode="json")
+    point = {}
+    for name, param in params.items():
+        if name == "lora.alpha_ratio":
+            value = data["lora"]["alpha"] / data["lora"]["r"]
+        elif name == "lora.coverage":
+            value = next((c for c, targets in coverages.items() if targets == data["lora"]["target_modules"]), None)
+        else:
+            section, _, key = KEY_ALIASES.get(name, name).partition(".")
+            value = data.get(section, {}).get(key) if key else data.get(section)
+        held = param.holds(value)
+        if held is not None:
+            point[name] = param.encode(held)
+    return point
 
 
 def planned_steps(train: dict[str, Any] | Any, n_train: int) -> int:

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from loralab.errors import LoralabError
 from loralab.metrics import HIGHER_IS_BETTER
 from loralab.tune.budget import Budget, TuneProgress
-from loralab.tune.space import SpaceSummary
+from loralab.tune.space import SpaceSummary, base_point
 from loralab.tune.spec import TuneSpec, study_name
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ def requeue_stale(study: Any, trial: Any) -> None:
     requeue(study, trial, "stopped sending heartbeats (its worker was killed or lost)")
 
 
-def open_study(spec: TuneSpec, summary: SpaceSummary) -> tuple[Any, Any, SpaceSummary]:
+def open_study(spec: TuneSpec, summary: SpaceSummary, base_first: bool = True) -> tuple[Any, Any, SpaceSummary]:
     """The tune's study (created, or loaded to continue it) with its sampler and pruner, its storage, and its space:
-    the space the study was created with (a continued study keeps its distributions, whatever changed since)."""
+    the space the study was created with (a continued study keeps its distributions, whatever changed since).
+    A new study's first trial is the base config (``base_point``) unless ``base_first`` is False."""
     from loralab.sweeps.distributed import open_storage
 
     optuna = _optuna()
@@ -82,6 +83,9 @@ def open_study(spec: TuneSpec, summary: SpaceSummary) -> tuple[Any, Any, SpaceSu
         study.set_user_attr("fingerprint", spec.fingerprint())
         study.set_user_attr("space", summary.to_dict())
         study.set_user_attr("metric", spec.metric)
+        point = base_point(spec.base, summary.params, summary.coverages)
+        if base_first and point and not study.trials:  # the first trial is the user's own config (or loralab's defaults)
+            study.enqueue_trial(point, user_attrs={"base_config": True})
     elif existing != spec.fingerprint():
         raise LoralabError(f"the Optuna study {study.study_name!r} in {spec.storage or 'the tune journal'} belongs to "
                            "another tune; use another --output or --storage")
