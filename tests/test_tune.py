@@ -199,6 +199,31 @@ def test_budget_stops_the_search_before_a_trial_that_cannot_finish(tiny_llama_di
     assert "over the complete trials:" in report and "| learning rate |" in report  # parameter importance
 
 
+def test_a_trial_drawn_too_long_for_the_budget_left_is_skipped_and_a_shorter_one_runs(tiny_llama_dir, data_file,
+                                                                                        tmp_path, monkeypatch):
+    """Each training call 'takes' 100 s: after the 4-step trial, two 40-step draws (estimated far past the 160 s left)
+    are not started, and the next 4-step draw still runs."""
+    from loralab import training
+
+    clock = FakeClock()
+    real = training.train
+
+    def slow_train(config, **kwargs):
+        summary = real(config, **kwargs)
+        clock.advance(100)
+        return summary
+
+    monkeypatch.setattr(training, "train", slow_train)
+    spec = load_tune(tmp_path / "t", _base(tiny_llama_dir, data_file), space_args=["train.max_steps=4,40", "lora.r=4"],
+                     pruner="none", lr_steps=5)
+    steps = [{"train.max_steps": n} for n in (4, 40, 40, 4)]
+    result = run_tune(spec, budget_s=260, clock=clock, enqueue=steps)
+    states = [(r.state, r.planned_steps) for r in result.trials]
+    assert states[:4] == [("complete", 4), ("not started", 40), ("not started", 40), ("complete", 4)], states
+    assert sorted(p.name for p in (tmp_path / "t" / "trials").iterdir()) == ["0", "3"]
+    assert result.stopped.startswith("budget:")
+
+
 def test_a_budget_too_small_for_one_trial_says_so(tiny_llama_dir, data_file, tmp_path):
     out = tmp_path / "t"
     spec = load_tune(out, _base(tiny_llama_dir, data_file), space_args=["train.max_steps=8"], lr_steps=5)

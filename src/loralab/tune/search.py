@@ -134,6 +134,9 @@ def run_tune(spec: TuneSpec, *, budget_s: float | None = None, trials: int | Non
     return result
 
 
+REDRAWS = 3  # trials in a row drawn too long for the budget left before the search stops
+
+
 def _cost(test: RangeTest, study: Any, summary: SpaceSummary) -> CostModel:
     """What a trial costs: the range test's measurements, then what this study's trials took."""
     cost = CostModel(setup_s=test.setup_s, step_s=test.step_s, eval_s=test.eval_s)
@@ -145,9 +148,10 @@ def _cost(test: RangeTest, study: Any, summary: SpaceSummary) -> CostModel:
 
 def _search(result: TuneResult, study: Any, storage: Any, budget: Budget, runner: TrialRunner,
             on_progress: Callable[[TuneProgress], None] | None) -> None:
-    """Trials, one at a time, while the trial count and the budget allow; the report after each."""
+    """Trials, one at a time, while the trial count and the budget allow; the report after each. A drawn trial too
+    long for the time left is not started and another is drawn, up to REDRAWS times in a row (a shorter one may fit)."""
     spec, summary, cost = result.spec, runner.summary, runner.cost
-    started = 0
+    started = unfit = 0
     while True:
         if budget.trials_left(started) <= 0:
             result.stopped = (f"{started} trial{'s' * (started != 1)} run (--trials {budget.trials})" if budget.trials
@@ -175,9 +179,13 @@ def _search(result: TuneResult, study: Any, storage: Any, budget: Budget, runner
         if on_progress is not None:
             on_progress(progress_of(records, spec.metric, budget, last=runner.describe_last()))
         write_results(result, study, records)
-        if (runner.last or {}).get("outcome") == "not started":
+        if (runner.last or {}).get("outcome") == "not started":  # too long for what is left: another draw may fit
+            unfit += 1
             result.stopped = f"budget: {runner.last.get('reason')}"
-            break
+            if unfit >= REDRAWS:
+                break
+        else:
+            unfit = 0
     result.started = started
 
 

@@ -351,8 +351,8 @@ def trial_config(base: RunConfig, values: dict[str, Any], *, name: str, output_d
 def base_point(base: RunConfig, params: dict[str, Param], coverages: dict[str, Any]) -> dict[str, Any]:
     """The base config as a point of the space: each searched key's value in the base config where the space holds it
     (Optuna's encoding; a key whose base value lies outside is left to the sampler). The first trial of a new study
-    trains it, so the search starts from the user's own config (loralab's defaults if none) and the best trial is
-    never worse on the eval split than that config."""
+    trains it, so the search starts from the user's own config (loralab's defaults if none) and what it returns
+    scores at least as well on the eval split as that config trained as a trial."""
     data = base.model_dump(mode="json")
     point = {}
     for name, param in params.items():
