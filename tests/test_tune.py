@@ -42,6 +42,22 @@ class FakeClock:
         self.now += seconds
 
 
+def _slow_training(monkeypatch) -> FakeClock:
+    """A fake clock that every training call moves by 100 s (trials 'take' 100 s each)."""
+    from loralab import training
+
+    clock = FakeClock()
+    real = training.train
+
+    def slow_train(config, **kwargs):
+        summary = real(config, **kwargs)
+        clock.advance(100)
+        return summary
+
+    monkeypatch.setattr(training, "train", slow_train)
+    return clock
+
+
 def _base(model_dir: Path, data: Path, **extra: object):
     return build_config(overrides=tiny_overrides(model_dir, data, data.parent / "unused", **extra))
 
@@ -176,17 +192,7 @@ def test_progress_line():
 def test_budget_stops_the_search_before_a_trial_that_cannot_finish(tiny_llama_dir, data_file, tmp_path, monkeypatch):
     """Every trial 'takes' 100 s of a 250 s budget (the fake clock is moved by the training call): two run, the
     third would not finish and is not started."""
-    from loralab import training
-
-    clock = FakeClock()
-    real = training.train
-
-    def slow_train(config, **kwargs):
-        summary = real(config, **kwargs)
-        clock.advance(100)
-        return summary
-
-    monkeypatch.setattr(training, "train", slow_train)
+    clock = _slow_training(monkeypatch)
     spec = load_tune(tmp_path / "t", _base(tiny_llama_dir, data_file), space_args=["train.max_steps=4", "lora.r=4"],
                      pruner="none", lr_steps=5)
     progress: list[TuneProgress] = []
@@ -203,17 +209,7 @@ def test_a_trial_drawn_too_long_for_the_budget_left_is_skipped_and_a_shorter_one
                                                                                         tmp_path, monkeypatch):
     """Each training call 'takes' 100 s: after the 4-step trial, two 40-step draws (estimated far past the 160 s left)
     are not started, and the next 4-step draw still runs."""
-    from loralab import training
-
-    clock = FakeClock()
-    real = training.train
-
-    def slow_train(config, **kwargs):
-        summary = real(config, **kwargs)
-        clock.advance(100)
-        return summary
-
-    monkeypatch.setattr(training, "train", slow_train)
+    clock = _slow_training(monkeypatch)
     spec = load_tune(tmp_path / "t", _base(tiny_llama_dir, data_file), space_args=["train.max_steps=4,40", "lora.r=4"],
                      pruner="none", lr_steps=5)
     steps = [{"train.max_steps": n} for n in (4, 40, 40, 4)]

@@ -359,9 +359,8 @@ def generate_answers(source: LoadedRun | Any, items: Sequence[Example | str], se
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            log.warning("generating %d prompts at once ran out of memory; trying %d at a time", len(batch),
-                        (len(batch) + 1) // 2)
             half = (len(batch) + 1) // 2
+            log.warning("generating %d prompts at once ran out of memory; trying %d at a time", len(batch), half)
             answer(batch[:half])
             answer(batch[half:])
             return
