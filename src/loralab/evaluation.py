@@ -348,8 +348,7 @@ class GenerationMetricsCallback(TrainerCallback):
         self.task_type = task_type
         self.examples = each_answer(examples)[0][: config.train.eval_generate_limit]
         self.metrics_path = metrics_path
-        self.settings = settings or training_generation_settings(config, tokenizer,
-                                                                 [e.response for e in self.examples])
+        self.settings = settings  # None: fitted to the references at the first evaluation
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, metrics: dict | None = None,
                     **kwargs: Any) -> None:
@@ -357,6 +356,8 @@ class GenerationMetricsCallback(TrainerCallback):
             return
         from loralab.precision import autocast, model_type_of
 
+        if self.settings is None:
+            self.settings = training_generation_settings(self.config, self.tokenizer, [e.response for e in self.examples])
         with autocast(self.config.train.precision, model_device(model), model_type_of(model)):  # as the Trainer computes eval_loss
             scores = generation_metrics(model, self.tokenizer, self.config, self.task_type, self.examples, self.settings)
         if metrics is not None:
