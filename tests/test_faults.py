@@ -341,6 +341,11 @@ def test_a_collapse_without_nan_is_divergence_too():
     state.log_history.append({"loss": 10.80})
     with pytest.raises(TrainingDiverged, match="the training loss rose from 3.58 to 10.8"):
         guard.on_log(args, state, control, logs={"loss": 10.80})
+    # saturated below the starting loss (a random model can be worse than uniform): the gradients are exactly 0
+    state = TrainerState(global_step=3, log_history=[{"loss": 7.6}, {"loss": 5.99, "grad_norm": 0.0}])
+    guard.on_log(args, state, control, logs={"loss": 0.0, "grad_norm": 0.0})  # memorised: goes on
+    with pytest.raises(TrainingDiverged, match=r"at step 3: the gradients vanished \(norm 0 at a loss of 5.99\)"):
+        guard.on_log(args, state, control, logs={"loss": 5.99, "grad_norm": 0.0})
 
 
 def test_a_run_folder_cannot_switch_remote_code_on(tiny_llama_dir, data_file, tmp_path):

@@ -391,3 +391,113 @@ def test_bias_all_bf16_run_trains_with_finite_loss(tiny_qwen2_dir, speed_data, t
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "bias" / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
+
+
+def _lora_grads(model, batch):
+    model.zero_grad()
+    loss_sum, count = supervised_lm_loss(model, batch)
+    (loss_sum / count).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss_sum.detach(), grads
+
+
+def test_segment_attention_gives_the_padded_batches_loss_and_gradients(session, monkeypatch):
+    from loralab.speed import attention
+
+    model = session.model.eval()  # dropout off: both paths see the same function
+    assert attention.use_segment_attention(model)
+    assert model.config._attn_implementation == attention.SEGMENT_ATTENTION
+    features = _features(session)
+    packed = PackingCollator(session.tokenizer.pad_token_id, pack_length=64, segments=True)(features)
+    lengths = [len(f["input_ids"]) for f in features]
+    assert packed["input_ids"].shape == (1, sum(lengths))  # one row, no padding
+    assert packed["cu_seq_lens_q"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    calls = []
+    real = attention.segment_bounds
+    monkeypatch.setattr(attention, "segment_bounds", lambda *a: calls.append(1) or real(*a))
+    packed_sum, packed_grads = _lora_grads(model, packed)
+    assert calls, "the per-example path did not run"
+    padded_sum, padded_grads = _lora_grads(model, _padded_batch(session))
+    assert torch.allclose(packed_sum, padded_sum, rtol=1e-4)
+    assert packed_grads.keys() == padded_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        assert torch.allclose(grad, padded_grads[name], rtol=1e-3, atol=1e-6), name
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_segment_attention_equals_a_block_diagonal_mask(kv_heads):
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    from loralab.speed.attention import segment_attention
+
+    torch.manual_seed(0)
+    lengths, width = [[5, 3, 4], [7, 5]], 12
+    position_ids = torch.tensor([[i for n in row for i in range(n)] for row in lengths])
+    ends = [0]
+    for r, row in enumerate(lengths):
+        for n in row:
+            ends.append(ends[-1] + n)
+    query = torch.randn(2, 4, width, 8, requires_grad=True)
+    key, value = (torch.randn(2, kv_heads, width, 8, requires_grad=True) for _ in range(2))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 4 // kv_heads
+    out, _ = segment_attention(module, query, key, value, None, scaling=0.3, cu_seq_lens_q=torch.tensor(ends))
+    seq = find_packed_sequence_indices(position_ids)
+    causal = torch.arange(width)[:, None] >= torch.arange(width)[None, :]
+    mask = (seq[:, :, None] == seq[:, None, :]) & causal
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(4 // kv_heads, 1), value.repeat_interleave(4 // kv_heads, 1),
+        attn_mask=mask[:, None], scale=0.3).transpose(1, 2)
+    assert out.shape == (2, width, 4, 8)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.square().sum().backward()
+    got = [t.grad.clone() for t in (query, key, value)]
+    for t in (query, key, value):
+        t.grad = None
+    expected.square().sum().backward()
+    assert all(torch.allclose(g, t.grad, atol=1e-4) for g, t in zip(got, (query, key, value)))
+    # an example longer than a sliding window: the (windowed) mask is used instead, through transformers' SDPA
+    windowed, _ = segment_attention(module, query, key, value, torch.ones(2, 1, width, width, dtype=torch.bool),
+                                    scaling=0.3, sliding_window=4, cu_seq_lens_q=torch.tensor(ends))
+    full = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(4 // kv_heads, 1), value.repeat_interleave(4 // kv_heads, 1), scale=0.3)
+    assert torch.allclose(windowed, full.transpose(1, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_lora_forward_gives_peft_loss_and_gradients(session, bf16):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from loralab.speed.lora_forward import FusedLoraLinear, use_fused_lora
+
+    model = copy.deepcopy(session.model).train()  # dropout on: the same generator state gives both the same masks
+    for module in model.modules():
+        if isinstance(module, FusedLoraLinear):
+            module.__class__ = LoraLinear  # back to PEFT's own forward
+    if bf16:
+        cast_frozen_weights(model)
+    batch = _padded_batch(session)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def loss_and_grads():
+        torch.manual_seed(3)
+        with context:
+            return _lora_grads(model, batch)
+
+    reference, reference_grads = loss_and_grads()
+    assert use_fused_lora(model) == sum(isinstance(m, LoraLinear) for m in model.modules()) > 0
+    fused, fused_grads = loss_and_grads()
+    assert all(type(m) is not LoraLinear for m in model.modules())
+    tolerance = {"rtol": 2e-2, "atol": 1e-3} if bf16 else {"rtol": 1e-4, "atol": 1e-7}
+    assert torch.allclose(fused, reference, **tolerance)
+    assert fused_grads.keys() == reference_grads.keys() and fused_grads
+    for name, grad in fused_grads.items():
+        scale = reference_grads[name].abs().max()
+        assert (grad - reference_grads[name]).abs().max() <= tolerance["rtol"] * 5 * scale + tolerance["atol"], name
+    # a merged adapter, or a second active adapter, runs PEFT's own forward
+    layer = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
+    x = torch.randn(2, layer.in_features)
+    assert layer._fused_adapter(x, (), {}) is not None
+    assert layer._fused_adapter(x, (), {"adapter_names": ["default"]}) is None
+    layer.merged_adapters.append("default")
+    assert layer._fused_adapter(x, (), {}) is None

@@ -89,10 +89,15 @@ class DivergenceGuard(TrainerCallback):
     or exploded above the base model's, or when two logged training losses in a row exploded above the first one.
 
     A model can collapse without a NaN: a huge step saturates it into a uniform output (loss = ln(vocabulary)) with
-    zero gradients, and training would go on for hours on a dead model.
+    zero gradients, and training would go on for hours on a dead model; a logged gradient norm of exactly 0 at a
+    non-zero loss stops it too (its loss need not rise when the model before training was worse than uniform).
     """
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if logs.get("grad_norm") == 0.0 and logs.get("loss", 0.0) > 1e-3 and state.global_step > 1:
+            raise diverged(f"the gradients vanished (norm 0 at a loss of {logs['loss']:.4g}): the model saturated",
+                           state.global_step, args)
         losses = [h["loss"] for h in state.log_history if "loss" in h]
         if len(losses) >= 3 and all(exploded(loss, losses[0]) for loss in losses[-2:]):
             raise diverged(f"the training loss rose from {losses[0]:.4g} to {losses[-1]:.4g}", state.global_step, args)

@@ -40,6 +40,8 @@ from loralab.precision import (FP16_OVERFLOW_TYPES, autocast, cpu_supports_bf16,
                                model_type_of, resolve_precision)
 from loralab.runs import RunFolder, trim_metrics, write_json_atomic, written_into_place
 from loralab.tracking import log_summary
+from loralab.speed.attention import use_segment_attention
+from loralab.speed.lora_forward import use_fused_lora
 from loralab.speed import PackingCollator, cast_frozen_weights, supports_packing, use_fast_dropout
 from loralab.trainer import (MetricsFileCallback, SupervisedLogitsTrainer, build_trainer, check_optimizer,  # noqa: F401
                              checkpoint_interval, sharding_arguments, training_arguments, uses_supervised_logits)
@@ -113,6 +115,8 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     if precision in ("bf16", "fp16"):
         trainable_to_fp32(peft_model)  # LoRA weights and modules_to_save copies in fp32, also from a bf16 base
     use_fast_dropout(peft_model)
+    if config.train.fused_lora and not config.train.deepspeed:  # ZeRO-3 gathers weights in each module's own call
+        use_fused_lora(peft_model)
     return Session(config, task_type, tokenizer, data, peft_model, targets,
                    build_collator(config, task_type, tokenizer, peft_model), initial_adapter=initial)
 
@@ -126,7 +130,8 @@ def uses_gradient_checkpointing(config: RunConfig) -> bool:
 def build_collator(config: RunConfig, task_type: str, tokenizer: Any, model: Any) -> Any:
     """Packing for causal LMs when enabled (architectures known to honour packed position ids), else dynamic padding."""
     if task_type == "CAUSAL_LM" and config.train.packing and supports_packing(model):
-        return PackingCollator(tokenizer.pad_token_id, config.train.pack_length or config.data.max_length)
+        segments = config.train.segment_attention and model.device.type == "cpu" and use_segment_attention(model)
+        return PackingCollator(tokenizer.pad_token_id, config.train.pack_length or config.data.max_length, segments)
     return make_collator(tokenizer, task_type, model)
 
 

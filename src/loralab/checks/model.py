@@ -25,6 +25,7 @@ from loralab.models import linear_module_names, parameter_counts
 
 COST_STEPS = 3  # optimizer steps run by the cost estimate; the first is warm-up and not timed
 INTEGER_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "decoder_input_ids", "decoder_attention_mask")
+WHOLE_BATCH_KEYS = ("cu_seq_lens_q",)  # one value for the whole batch, not one row per example (PackingCollator)
 
 
 # ---------------------------------------------------------------- running the model as training does
@@ -197,7 +198,7 @@ def _batch_problems(session: Any, batch: dict[str, Any], vocab: int, forward_key
         if key in batch and batch[key].is_floating_point():
             problems.append(("fail", f"{key} has dtype {batch[key].dtype}, expected an integer type"))
     ids, labels = batch["input_ids"], batch["labels"]
-    if len({v.shape[0] for v in batch.values()}) > 1:
+    if len({v.shape[0] for k, v in batch.items() if k not in WHOLE_BATCH_KEYS}) > 1:
         problems.append(("fail", f"batch sizes differ between tensors: {_describe(batch)}"))
     same_as_ids = ["attention_mask", "position_ids"] + (["labels"] if task == "CAUSAL_LM" else [])
     for key in same_as_ids:

@@ -39,6 +39,10 @@ class TrainConfig(_Section):
     # measured a worse loss after an epoch than random order (benchmarks/train_throughput.py)
     packing: bool = True  # causal LM: pack each batch's examples into rows, attention kept inside each example, so
     # random-order batches carry no padding (18% faster than padding them, same loss)
+    segment_attention: bool = True  # packed rows on CPU: each example's own causal attention (speed.attention)
+    # instead of SDPA over the whole row with a block-diagonal mask; same loss, several times less attention work
+    fused_lora: bool = True  # LoRA's scaling and add folded into one addmm, no fp32 copy of the input
+    # (speed.lora_forward); same function as PEFT's forward, which DoRA and other variants keep
     pack_length: int | None = Field(None, gt=8)  # tokens per packed row (default: data.max_length)
     supervised_logits_only: bool = True  # causal LM: vocabulary projection only where labels are supervised
     eval_generate: bool = False  # generation metrics on the eval split after each epoch

@@ -59,7 +59,7 @@ class FastDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: inductor fuses its own mask
             return F.dropout(x, self.p, training=True)
         keep = random_int16(x.numel()).view(x.shape) >= self.threshold
         return x.mul(keep).mul_(1.0 / (1.0 - self.p))
@@ -183,14 +183,19 @@ class PackingCollator:
 
     Each example keeps its own positions (0, 1, ...) and the first label of each example is masked, so no token
     attends to or predicts across an example boundary. No padding is needed inside a row; rows are padded to the
-    longest row with -100 labels and their own position ids.
+    longest row with -100 labels and their own position ids. With ``segments`` (for ``segment_attention``, whose
+    cost does not grow with the row) the whole batch is one row, without any padding, and the batch also carries
+    ``cu_seq_lens_q``: where each example starts and ends in the row.
     """
 
-    def __init__(self, pad_token_id: int, pack_length: int):
+    def __init__(self, pad_token_id: int, pack_length: int, segments: bool = False):
         self.pad_token_id = pad_token_id
         self.pack_length = pack_length
+        self.segments = segments
 
     def _rows(self, features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        if self.segments:
+            return [list(features)]
         rows: list[list[dict[str, Any]]] = []
         lengths: list[int] = []
         for feature in sorted(features, key=lambda f: -len(f["input_ids"])):  # first-fit decreasing
@@ -211,6 +216,7 @@ class PackingCollator:
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        ends = [0]
         for r, row in enumerate(rows):
             start = 0
             for feature in row:
@@ -219,6 +225,12 @@ class PackingCollator:
                 labels[r, start + 1 : start + n] = torch.tensor(feature["labels"][1:])
                 position_ids[r, start : start + n] = torch.arange(n)
                 start += n
+                ends.append(r * width + start)
             # trailing padding continues the positions so it forms its own (fully masked) sequence
             position_ids[r, start:] = torch.arange(width - start)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            if start < width:
+                ends.append((r + 1) * width)
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.segments:
+            batch["cu_seq_lens_q"] = torch.tensor(ends, dtype=torch.int32)
+        return batch
