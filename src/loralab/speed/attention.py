@@ -82,10 +82,13 @@ def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     # short examples: SDPA's math kernel (a few matmuls) runs forward + backward ~1.7x faster than the CPU flash
     # kernel at 60-200 tokens; from a few hundred tokens on they are even and flash needs less memory
     short = query.device.type == "cpu" and max(end - start for _, start, end in bounds) <= MATH_KERNEL_MAX_LENGTH
+    # split, not sliced: the backward of a split is one concatenation, that of each slice a zero-filled full tensor
+    tensors = [t.split(1) if batch > 1 else (t,) for t in (query, key, value)]
     with sdpa_kernel([SDPBackend.MATH]) if short else contextlib.nullcontext():
-        for row, start, end in bounds:  # in order: each row's examples tile it
-            rows[row].append(F.scaled_dot_product_attention(
-                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
-                is_causal=True, scale=scaling, enable_gqa=gqa))
+        for row, (q_row, k_row, v_row) in enumerate(zip(*tensors)):
+            lengths = [end - start for r, start, end in bounds if r == row]  # in order: they tile the row
+            for q, k, v in zip(q_row.split(lengths, 2), k_row.split(lengths, 2), v_row.split(lengths, 2)):
+                rows[row].append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                                enable_gqa=gqa))
     output = torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
     return output.transpose(1, 2).contiguous(), None
