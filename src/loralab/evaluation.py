@@ -30,7 +30,7 @@ from loralab.fingerprints import verify_data, verify_split
 from loralab.formats import SHAREGPT_ROLES
 from loralab.readers import SUFFIXES
 from loralab.runs import RunPaths, load_run_config, resolve_adapter, write_json_atomic, write_text_atomic
-from loralab.turns import each_answer
+from loralab.turns import each_answer, first_answers
 
 
 # ---------------------------------------------------------------- which examples
@@ -346,7 +346,7 @@ class GenerationMetricsCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.config = config
         self.task_type = task_type
-        self.examples = each_answer(examples)[0][: config.train.eval_generate_limit]
+        self.examples = first_answers(examples, config.train.eval_generate_limit)
         self.metrics_path = metrics_path
         self.settings = settings  # None: fitted to the references at the first evaluation
 

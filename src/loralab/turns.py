@@ -175,3 +175,9 @@ def each_answer(examples: Sequence[Example]) -> tuple[list[Example], int]:
         several += len(turns) > 1
         answers.extend(turns)
     return answers, several
+
+
+def first_answers(examples: Sequence[Example], limit: int) -> list[Example]:
+    """The first ``limit`` answers of ``each_answer``: what generation metrics during training (and tune's range
+    test, which prices them) answer."""
+    return each_answer(examples)[0][:limit]

@@ -222,7 +222,7 @@ def run_range_test(config: RunConfig, *, lr_min: float = LR_MIN, lr_max: float =
 
     from loralab import training
     from loralab.generation import training_generation_settings
-    from loralab.turns import each_answer
+    from loralab.turns import first_answers
 
     if not (0 < lr_min < lr_max):
         raise LoralabError(f"the range test needs 0 < lr_min < lr_max, got {lr_min} and {lr_max}")
@@ -262,7 +262,7 @@ def run_range_test(config: RunConfig, *, lr_min: float = LR_MIN, lr_max: float =
             from loralab.evaluation import generation_metrics
 
             limit = generate_limit or config.train.eval_generate_limit
-            examples = each_answer(session.data.eval_examples)[0][:limit]  # what a trial's evaluations answer
+            examples = first_answers(session.data.eval_examples, limit)  # what a trial's evaluations answer
             settings = training_generation_settings(config, session.tokenizer, [e.response for e in examples])
             with autocast():
                 base_metrics = generation_metrics(model, session.tokenizer, config, session.task_type, examples,
