@@ -40,7 +40,7 @@ from loralab.precision import (FP16_OVERFLOW_TYPES, autocast, cpu_supports_bf16,
                                model_type_of, resolve_precision)
 from loralab.runs import RunFolder, trim_metrics, write_json_atomic, written_into_place
 from loralab.tracking import log_summary
-from loralab.speed.attention import use_segment_attention
+from loralab.speed.attention import SEGMENT_ATTENTION, use_segment_attention
 from loralab.speed.lora_forward import use_fused_lora
 from loralab.speed import PackingCollator, cast_frozen_weights, supports_packing, use_fast_dropout
 from loralab.trainer import (MetricsFileCallback, SupervisedLogitsTrainer, build_trainer, check_optimizer,  # noqa: F401
@@ -117,6 +117,8 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     use_fast_dropout(peft_model)
     if config.train.fused_lora and not config.train.deepspeed:  # ZeRO-3 gathers weights in each module's own call
         use_fused_lora(peft_model)
+    if uses_packing(config, task_type, peft_model) and config.train.segment_attention and peft_model.device.type == "cpu":
+        use_segment_attention(peft_model)  # the collator then emits one row per batch with its examples' bounds
     return Session(config, task_type, tokenizer, data, peft_model, targets,
                    build_collator(config, task_type, tokenizer, peft_model), initial_adapter=initial)
 
@@ -127,10 +129,15 @@ def uses_gradient_checkpointing(config: RunConfig) -> bool:
     return config.model.quantized if setting is None else setting
 
 
+def uses_packing(config: RunConfig, task_type: str, model: Any) -> bool:
+    """Packing for causal LMs when enabled, on architectures known to honour packed position ids."""
+    return task_type == "CAUSAL_LM" and config.train.packing and supports_packing(model)
+
+
 def build_collator(config: RunConfig, task_type: str, tokenizer: Any, model: Any) -> Any:
-    """Packing for causal LMs when enabled (architectures known to honour packed position ids), else dynamic padding."""
-    if task_type == "CAUSAL_LM" and config.train.packing and supports_packing(model):
-        segments = config.train.segment_attention and model.device.type == "cpu" and use_segment_attention(model)
+    """Packing where ``uses_packing`` (segments when the model runs ``segment_attention``), else dynamic padding."""
+    if uses_packing(config, task_type, model):
+        segments = getattr(model.config, "_attn_implementation", None) == SEGMENT_ATTENTION
         return PackingCollator(tokenizer.pad_token_id, config.train.pack_length or config.data.max_length, segments)
     return make_collator(tokenizer, task_type, model)
 
