@@ -162,9 +162,12 @@ class SupervisedLogitsTrainer(Trainer):
 
     Same loss as the Trainer's own (token-averaged cross-entropy, gradient-accumulation and multi-process aware):
     ``supervised_lm_loss`` calls the model as given (DDP/FSDP wrappers, accelerate's autocast and the model's own
-    logit processing all run). Where that is not exact (label smoothing, a custom loss, tensor/context/sequence
+    logit processing all run; with ``fused_cross_entropy`` the output layer's projection and the loss are one chunked
+    pass where ``fused_head_applies``). Where that is not exact (label smoothing, a custom loss, tensor/context/sequence
     parallelism, ``DataParallel`` over several GPUs) the Trainer's own loss is used.
     """
+
+    fused_cross_entropy = False  # build_trainer sets train.fused_cross_entropy
 
     def _supervised_logits_apply(self, model: Any, inputs: dict[str, Any]) -> bool:
         from loralab.speed import supervised_logits_exact
@@ -178,7 +181,7 @@ class SupervisedLogitsTrainer(Trainer):
         if not self._supervised_logits_apply(model, inputs):
             self.loss_is_scaled_for_ga = None  # the Trainer's own rule
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss_sum, count = supervised_lm_loss(model, inputs)
+        loss_sum, count = supervised_lm_loss(model, inputs, fused_head=self.fused_cross_entropy)
         self.loss_is_scaled_for_ga = num_items_in_batch is not None  # normalised over the accumulated batch
         loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -206,7 +209,8 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
         cls = SupervisedLogitsTrainer
     ratio = session.config.train.loraplus_lr_ratio
     extra = (LoraPlusOptimizer,) if ratio else ()
-    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, *extra, cls), {"loraplus_lr_ratio": ratio})
+    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, *extra, cls),
+                   {"loraplus_lr_ratio": ratio, "fused_cross_entropy": session.config.train.fused_cross_entropy})
     stopping: list[Any] = []
     if session.config.train.early_stopping_patience:
         if not has_eval:

@@ -46,6 +46,8 @@ class TrainConfig(_Section):
     pack_length: int | None = Field(None, gt=8)  # tokens per packed row (default: data.max_length);
     # with segment attention (CPU) a batch is one row of any length
     supervised_logits_only: bool = True  # causal LM: vocabulary projection only where labels are supervised
+    fused_cross_entropy: bool = True  # with it, on CPU: projection and loss in row chunks, no [tokens, vocabulary]
+    # tensor (speed.head_loss); models that return their output layer's logits unchanged, the layer frozen
     eval_generate: bool = False  # generation metrics on the eval split after each epoch
     eval_generate_limit: int = Field(32, gt=0)
     metric_for_best_model: Literal["eval_loss", "exact_match", "chrf", "rouge_l", "bleu"] = "eval_loss"  # picks the

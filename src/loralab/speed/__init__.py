@@ -4,6 +4,8 @@
 - ``supervised_lm_loss``: the vocabulary projection and loss only at supervised positions (causal LMs, on CPU;
   on accelerators every position is projected, which avoids a host-device sync per step), through the model's own
   forward, so autocast, DDP/FSDP wrappers and the model's own logit processing (soft-capping) all apply.
+- ``head_cross_entropy`` (``head_loss``): with ``supervised_lm_loss(fused_head=True)``, the output layer's
+  projection and the loss in row chunks, no ``[N, vocabulary]`` logits tensor.
 - ``FastDropout``: LoRA dropout masks drawn as 16-bit random integers, ~2.5x cheaper than ``bernoulli_`` on CPU.
 - ``PackingCollator``: several short causal-LM examples in one row, ``position_ids`` restarting per example so
   attention stays inside each example (transformers builds the block-diagonal mask from them, but only when the
@@ -19,11 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab.data import IGNORE_INDEX
+from loralab.speed.head_loss import head_cross_entropy
 
 # Causal LMs known to honour the restarting position ids of packed rows (``PackingCollator``); packing is used only
 # for these. The supervised-logits loss does not need this list (``supervised_logits_exact``). Gemma 3: transformers
 # builds both its full and its sliding-window masks per packed example (window measured in each example's own
 # positions); tests/test_gemma.py checks loss and gradients against padded batches.
+# Causal LMs whose forward returns ``lm_head(hidden)`` as the logits, with nothing applied after it (checked in
+# transformers' modeling files); Gemma 3 only where ``final_logit_softcapping`` is unset.
+FUSED_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma", "gemma3_text"}
 PACKING_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "smollm3", "olmo2", "phi3", "gemma", "gemma3_text"}
 
 
@@ -125,7 +131,8 @@ def supervised_logits_exact(model: nn.Module) -> bool:
     return decoder_with_output_layer(unwrap_model(model))
 
 
-def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor],
+                       fused_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over supervised positions and their count, as the model's own loss.
 
     ``model`` (wrapped or not) runs its own forward without labels, exactly as the Trainer calls it, so accelerate's
@@ -136,6 +143,9 @@ def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tup
     the model returns are those rows' logits, after whatever the model applies to them (e.g. Gemma 2 soft-capping).
     If the output layer does not see full hidden states (the hook leaves it alone) the model's full logits are used;
     anything else unexpected raises rather than giving a different loss.
+
+    ``fused_head`` (on CPU, where ``fused_head_applies``): the output layer is called on no rows and the supervised
+    rows' logits and loss are computed by ``head_cross_entropy`` in chunks, never as one ``[N, V]`` tensor.
     """
     if not supervised_logits_exact(model):
         raise ValueError("supervised_lm_loss is not exact for this model or wrapper (see supervised_logits_exact)")
@@ -144,7 +154,8 @@ def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tup
     batch, length = labels.shape
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    state: dict[str, Any] = {"calls": 0, "targets": None}
+    state: dict[str, Any] = {"calls": 0, "targets": None, "hidden": None}
+    fused_head = fused_head and fused_head_applies(model)
 
     def select(module: nn.Module, args: tuple, kwargs: dict) -> Any:
         state["calls"] += 1
@@ -154,7 +165,12 @@ def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tup
             return None  # left as it is; checked below
         if hidden.device.type == "cpu":
             state["targets"] = targets[keep].unsqueeze(0)
-            return (hidden[:, :-1][keep.to(hidden.device)].unsqueeze(0), *args[1:]), kwargs
+            rows = hidden[:, :-1][keep.to(hidden.device)].unsqueeze(0)
+            if fused_head:  # the layer runs on no rows; head_cross_entropy below computes these rows' logits
+                autocast = torch.is_autocast_enabled("cpu")
+                state["hidden"] = rows.to(torch.get_autocast_dtype("cpu")) if autocast else rows
+                rows = rows[:, :0]
+            return (rows, *args[1:]), kwargs
         state["targets"] = targets
         return (hidden[:, :-1], *args[1:]), kwargs
 
@@ -168,6 +184,11 @@ def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tup
         raise RuntimeError(f"the output layer ran {state['calls']} times in one forward: the supervised-logits loss "
                            "cannot tell which logits are the model's; set train.supervised_logits_only=false")
     wanted = state["targets"]
+    if state["hidden"] is not None:
+        if tuple(logits.shape[:2]) != (1, 0):
+            raise RuntimeError(f"the output layer returned logits of shape {tuple(logits.shape)} for no rows; set "
+                               "train.fused_cross_entropy=false")
+        return head_cross_entropy(state["hidden"][0], head.weight, wanted[0]), keep.sum()
     if wanted is None:  # the output layer did not see the full hidden states: the model's logits, every position
         logits, wanted = logits[:, :-1], targets
     if tuple(logits.shape[:-1]) != tuple(wanted.shape):
@@ -176,6 +197,24 @@ def supervised_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tup
     loss = F.cross_entropy(logits.flatten(0, -2).float(), wanted.flatten().to(logits.device),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, keep.sum()
+
+
+def fused_head_applies(model: nn.Module) -> bool:
+    """Whether ``head_cross_entropy`` computes what ``model``'s output layer and loss do: a decoder whose forward
+    returns its output layer's result unchanged (``FUSED_HEAD_MODEL_TYPES``, no final soft-capping), the layer a
+    plain frozen ``nn.Linear`` without bias or hooks, its weight an ordinary tensor (not sharded by FSDP or ZeRO-3)."""
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    head = base.get_output_embeddings() if decoder_with_output_layer(base) else None
+    if (head is None or type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad
+            or getattr(config, "model_type", "") not in FUSED_HEAD_MODEL_TYPES
+            or getattr(config, "final_logit_softcapping", None) is not None):
+        return False
+    from loralab.speed.lora_forward import has_hooks
+
+    weight = head.weight
+    return (not has_hooks(head) and type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id")
+            and weight.device.type == "cpu")
 
 
 class PackingCollator:
