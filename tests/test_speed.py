@@ -550,8 +550,63 @@ def test_setup_switches_on_the_cpu_levers_and_each_switch_turns_its_lever_off(ti
         return {"segments": session.model.config._attn_implementation == SEGMENT_ATTENTION,
                 "cu_seq_lens": "cu_seq_lens_q" in batch and batch["input_ids"].shape[0] == 1,
                 "fused_lora": any(isinstance(m, FusedLoraLinear) for m in session.model.modules()),
+                "siblings": any("_lora_siblings" in m.__dict__ for m in session.model.modules()),
                 "fused_cross_entropy": trainer.fused_cross_entropy}
 
-    assert levers() == {"segments": True, "cu_seq_lens": True, "fused_lora": True, "fused_cross_entropy": True}
+    names = ["segments", "cu_seq_lens", "fused_lora", "siblings", "fused_cross_entropy"]
+    assert levers() == dict.fromkeys(names, True)
     off = {"train.segment_attention": False, "train.fused_lora": False, "train.fused_cross_entropy": False}
-    assert levers(**off) == dict.fromkeys(["segments", "cu_seq_lens", "fused_lora", "fused_cross_entropy"], False)
+    assert levers(**off) == dict.fromkeys(names, False)
+    assert levers(**{"train.share_lora_dropout": False})["siblings"] is False
+
+
+def _sibling_group(model):
+    from loralab.speed.lora_forward import FusedLoraLinear
+
+    attention = next(m for m in model.modules() if isinstance(getattr(m, "q_proj", None), FusedLoraLinear))
+    group = attention.q_proj.__dict__.get("_lora_siblings")
+    assert group is not None and [attention.q_proj, attention.k_proj, attention.v_proj] == group.members
+    return attention, group
+
+
+def test_sibling_lora_layers_share_one_mask_with_pefts_dropout_rate(session):
+    from loralab.speed import FastDropout
+
+    model = copy.deepcopy(session.model).train()
+    attention, group = _sibling_group(model)
+    q, k, v = group.members
+    x = torch.ones(4, 50, q.in_features)
+    rank = q.lora_A["default"].weight.shape[0]
+    with torch.no_grad():
+        for layer in (q, k, v):  # each A reads the first `rank` features as they are: h = dropout(x)[..., :rank]
+            layer.lora_A["default"].weight.copy_(torch.eye(rank, q.in_features))
+            layer.lora_dropout["default"] = FastDropout(0.25)
+        o_dropout = attention.o_proj.lora_dropout["default"] = FastDropout(0.25)
+    torch.manual_seed(0)
+    hidden = [group.hidden(layer, x, "default") for layer in (q, k, v)]
+    assert hidden[0] is not None and all(torch.equal(h, hidden[0]) for h in hidden[1:])  # one mask for the three
+    values = hidden[0].unique()
+    assert torch.allclose(values, torch.tensor([0.0, 1 / 0.75]))  # inverted dropout, as PEFT's
+    assert abs((hidden[0] == 0).float().mean().item() - 0.25) < 0.03
+    # another input is not served from the cache; a layer outside the group draws its own mask
+    other = group.hidden(k, x.clone(), "default")
+    assert other is not None and not torch.equal(other, hidden[1])
+    assert not torch.equal(o_dropout(x)[..., :rank], hidden[0])
+
+
+def test_sibling_lora_groups_leave_the_adapter_and_the_exact_path_unchanged(session):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = _nonzero_lora(session.model).train()  # dropout 0: sharing is exact
+    _sibling_group(model)
+    batch = _padded_batch(session)
+    grouped, grouped_grads = _lora_grads(model, batch)
+    keys = set(model.state_dict())
+    for module in model.modules():
+        if type(module).__name__ == "FusedLoraLinear":
+            module.__class__ = LoraLinear  # PEFT's own forward: no fused add, no groups
+    reference, reference_grads = _lora_grads(model, batch)
+    assert set(model.state_dict()) == keys and not any("siblings" in key for key in keys)
+    assert torch.allclose(grouped, reference, rtol=1e-5)
+    for name, grad in reference_grads.items():
+        assert (grouped_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-8, name

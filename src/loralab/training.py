@@ -41,7 +41,7 @@ from loralab.precision import (FP16_OVERFLOW_TYPES, autocast, cpu_supports_bf16,
 from loralab.runs import RunFolder, trim_metrics, write_json_atomic, written_into_place
 from loralab.tracking import log_summary
 from loralab.speed.attention import SEGMENT_ATTENTION, use_segment_attention
-from loralab.speed.lora_forward import use_fused_lora
+from loralab.speed.lora_forward import share_sibling_lora, use_fused_lora
 from loralab.speed import PackingCollator, cast_frozen_weights, supports_packing, use_fast_dropout
 from loralab.trainer import (MetricsFileCallback, SupervisedLogitsTrainer, build_trainer, check_optimizer,  # noqa: F401
                              checkpoint_interval, sharding_arguments, training_arguments, uses_supervised_logits)
@@ -117,6 +117,8 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     use_fast_dropout(peft_model)
     if config.train.fused_lora and not config.train.deepspeed:  # ZeRO-3 gathers weights in each module's own call
         use_fused_lora(peft_model)
+        if config.train.share_lora_dropout:
+            share_sibling_lora(peft_model)
     if uses_packing(config, task_type, peft_model) and config.train.segment_attention and peft_model.device.type == "cpu":
         use_segment_attention(peft_model)  # the collator then emits one row per batch with its examples' bounds
     return Session(config, task_type, tokenizer, data, peft_model, targets,

@@ -7,7 +7,8 @@ layer's whole output, each with its own backward pass. ``FusedLoraLinear`` keeps
 scaling and the add into one ``addmm`` (``result + scaling * h @ B^T``), which autocast runs in bf16 and whose
 backward passes the output gradient through unchanged. Anything else (DoRA and other variants, several active
 adapters, mixed-adapter batches, a LoRA bias, merged or disabled adapters, mixed dtypes without autocast) runs
-PEFT's own forward.
+PEFT's own forward. ``SiblingLora`` lets layers that read the same input (q/k/v, gate/up) share one dropout mask and
+one A matmul.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
@@ -41,10 +43,70 @@ class FusedLoraLinear(LoraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
-        hidden = self.lora_A[name](self.lora_dropout[name](x))
+        group = getattr(self, "_lora_siblings", None)
+        hidden = group.hidden(self, x, name) if group is not None else None
+        if hidden is None:
+            hidden = self.lora_A[name](self.lora_dropout[name](x))
         out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
                           self.lora_B[name].weight.t(), alpha=self.scaling[name])
         return out.view(result.shape)
+
+
+class SiblingLora:
+    """LoRA layers of one block that read the same input (q/k/v; gate/up): one dropout mask and one A matmul.
+
+    The first sibling called with an input computes ``dropout(x) @ [A_1; A_2; ...]^T`` for all of them and keeps each
+    one's slice for its own call with the same tensor; a call with any other input computes its own. The dropout
+    mask is then shared by the siblings (each still sees inverted dropout with probability p, as PEFT's; only the
+    masks of siblings are no longer independent). Layers are held by name, not as submodules.
+    """
+
+    def __init__(self, members: list[FusedLoraLinear]):
+        self.members = members
+        self._input: torch.Tensor | None = None
+        self._parts: dict[int, torch.Tensor] = {}
+
+    def hidden(self, member: FusedLoraLinear, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """``member``'s ``lora_A(dropout(x))``, or None where the siblings cannot share this call."""
+        index = next(i for i, m in enumerate(self.members) if m is member)
+        if self._input is x and index in self._parts:
+            part = self._parts.pop(index)
+            if not self._parts:
+                self._input = None  # every sibling served: nothing of this step is kept
+            return part
+        if any(m is not member and m._fused_adapter(x, (), {}) != name for m in self.members):
+            return None
+        dropouts = {dropout_p(m.lora_dropout[name]) for m in self.members}
+        if len(dropouts) != 1 or -1.0 in dropouts:
+            return None  # different (or unknown) dropouts: each its own
+        weights = [m.lora_A[name].weight for m in self.members]
+        hidden = F.linear(member.lora_dropout[name](x), torch.cat(weights))
+        parts = hidden.split([w.shape[0] for w in weights], dim=-1)
+        self._input, self._parts = x, {i: part for i, part in enumerate(parts) if i != index}
+        return parts[index]
+
+
+def dropout_p(module: nn.Module) -> float:
+    """The drop probability of a LoRA dropout module (PEFT's ``nn.Identity`` for 0), -1 for an unknown module."""
+    return float(getattr(module, "p", 0.0 if isinstance(module, nn.Identity) else -1.0))
+
+
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def share_sibling_lora(model: nn.Module) -> int:
+    """Group the fused LoRA layers named in ``SIBLING_NAMES`` under one parent (decoder-only models, whose q/k/v and
+    gate/up read the same hidden states) into ``SiblingLora``; returns the number of groups."""
+    groups = 0
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            members = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, FusedLoraLinear) for m in members):
+                group = SiblingLora(members)
+                for member in members:
+                    object.__setattr__(member, "_lora_siblings", group)  # not a submodule: state dicts unchanged
+                groups += 1
+    return groups
 
 
 def has_hooks(module: nn.Module) -> bool:
