@@ -1,6 +1,7 @@
 """Training throughput: the usual LoRA recipe vs. a well-tuned plain transformers+peft run vs. loralab's default.
 
     python benchmarks/train_throughput.py [--quick] [--examples N] [--recipes usual,plain,loralab] [--datasets demo,alpaca]
+                                          [--rounds K]
 
 All recipes train the built-in model (SmolLM2-135M-Instruct) with LoRA r=16, alpha=32, dropout 0.05 on all linear
 layers of the decoder, learning rate 3e-4, one epoch over the same examples, formatted with the same chat template
@@ -8,7 +9,9 @@ and masked the same way (prompt and padding -100, response + EOS supervised). Tw
 recipe: ``demo`` (the bundled demo dataset: short counselling answers, loralab's own data) and ``alpaca`` (generated
 alpaca-shaped pairs nobody tuned for: instruction 10-60 tokens, response 20-80 tokens, uniform, 400 by default). Each recipe runs in
 its own child process, one after another (never two at once: they would share the cores), so peak memory is
-per recipe. Throughput counts the same tokens for every recipe: each example's supervised tokens, and each
+per recipe. With ``--rounds K`` the recipes take turns K times (plain, loralab, plain, loralab, ...) and the table
+shows each recipe's median round: on a shared 2-core machine one process can run 15% slower than the next, which
+turns means that load hits one recipe more than another. Throughput counts the same tokens for every recipe: each example's supervised tokens, and each
 example's non-pad prompt+response tokens; "processed" tokens include padding. The final loss is computed the same
 way for every recipe: its saved adapter on a fresh fp32 base, mean supervised cross-entropy over the same examples.
 
@@ -245,8 +248,8 @@ def run_dataset(dataset: str, n: int, args: argparse.Namespace, peaks: dict[str,
     tokens = sum(len(ids) for ids, _ in encoded)
     supervised = sum(sum(1 for x in labels if x != -100) for _, labels in encoded)
     print(f"\n[{dataset}] {n} examples, {tokens} non-pad tokens ({supervised} supervised)", flush=True)
-    results = []
-    for name in args.recipes.split(","):
+    rounds: dict[str, list[dict]] = {}
+    for name in [recipe for _ in range(args.rounds) for recipe in args.recipes.split(",")]:
         command = [sys.executable, __file__, "--child", name, "--examples", str(n), "--datasets", dataset]
         if args.batch_size:
             command += ["--batch-size", str(args.batch_size)]
@@ -261,8 +264,9 @@ def run_dataset(dataset: str, n: int, args: argparse.Namespace, peaks: dict[str,
         result["processed_tokens_per_s"] = result["processed_tokens"] / result["seconds"]
         result["seconds_per_step"] = result["seconds"] / max(1, result["steps"])
         result["mfu"] = tokens / result["seconds"] * flops_per_token / (peaks["bf16" if result["bf16"] else "fp32"] * 1e9)
-        results.append(result)
-        print(f"  {name:8s} done in {result['seconds']:.1f} s", flush=True)
+        rounds.setdefault(name, []).append(result)
+        print(f"  {name:8s} done in {result['seconds']:.1f} s ({result['tokens_per_s']:.1f} tok/s)", flush=True)
+    results = [median_round(runs) for runs in rounds.values()]
 
     header = f"{'recipe':8s} {'sup tok/s':>10s} {'tok/s':>8s} {'proc tok/s':>10s} {'s/step':>7s} {'batch':>5s} " \
              f"{'peak MiB':>9s} {'final loss':>10s} {'MFU':>6s}"
@@ -270,7 +274,15 @@ def run_dataset(dataset: str, n: int, args: argparse.Namespace, peaks: dict[str,
     for r in results:
         print(f"{r['recipe']:8s} {r['supervised_tokens_per_s']:10.1f} {r['tokens_per_s']:8.1f} {r['processed_tokens_per_s']:10.1f} "
               f"{r['seconds_per_step']:7.2f} {r['batch_size']:5d} {r['peak_rss_mib']:9.0f} {r['final_loss']:10.4f} {r['mfu']:6.1%}")
+    if args.rounds > 1:
+        print("tok/s of each round: " + "; ".join(f"{r['recipe']} {r['rounds_tokens_per_s']}" for r in results))
     return {"examples": n, "tokens": tokens, "supervised": supervised, "results": results}
+
+
+def median_round(runs: list[dict]) -> dict:
+    """The round with the median throughput (the lower middle one of an even count), with every round's tok/s."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds_tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs]}
 
 
 def main() -> None:
@@ -284,6 +296,8 @@ def main() -> None:
                         help="batch size of the plain and loralab recipes (default: loralab's default); usual uses 5")
     parser.add_argument("--loralab-set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the loralab recipe, for ablations (e.g. train.packing=true)")
+    parser.add_argument("--rounds", type=int, default=1, help="times the recipes take turns; the table shows each "
+                        "recipe's median round (default 1)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()

@@ -557,7 +557,7 @@ def test_setup_switches_on_the_cpu_levers_and_each_switch_turns_its_lever_off(ti
     assert levers() == dict.fromkeys(names, True)
     off = {"train.segment_attention": False, "train.fused_lora": False, "train.fused_cross_entropy": False}
     assert levers(**off) == dict.fromkeys(names, False)
-    assert levers(**{"train.share_lora_dropout": False})["siblings"] is False
+    assert levers(**{"train.share_sibling_dropout": False})["siblings"] is False
 
 
 def _sibling_group(model):
@@ -592,6 +592,10 @@ def test_sibling_lora_layers_share_one_mask_with_pefts_dropout_rate(session):
     other = group.hidden(k, x.clone(), "default")
     assert other is not None and not torch.equal(other, hidden[1])
     assert not torch.equal(o_dropout(x)[..., :rank], hidden[0])
+    # an input changed in place since the first sibling's call is not served from the cache either
+    first = group.hidden(q, x, "default")
+    x.mul_(1.0)
+    assert not torch.equal(group.hidden(k, x, "default"), first)
 
 
 def test_sibling_lora_groups_leave_the_adapter_and_the_exact_path_unchanged(session):

@@ -117,7 +117,7 @@ def setup(config: RunConfig, prepared: tuple[str, Any, PreparedData] | None = No
     use_fast_dropout(peft_model)
     if config.train.fused_lora and not config.train.deepspeed:  # ZeRO-3 gathers weights in each module's own call
         use_fused_lora(peft_model)
-        if config.train.share_lora_dropout:
+        if config.train.share_sibling_dropout:
             share_sibling_lora(peft_model)
     if uses_packing(config, task_type, peft_model) and config.train.segment_attention and peft_model.device.type == "cpu":
         use_segment_attention(peft_model)  # the collator then emits one row per batch with its examples' bounds

@@ -43,7 +43,7 @@ class TrainConfig(_Section):
     # instead of SDPA over the whole row with a block-diagonal mask; same loss, several times less attention work
     fused_lora: bool = True  # LoRA's scaling and add folded into one addmm, no fp32 copy of the input
     # (speed.lora_forward); same function as PEFT's forward, which DoRA and other variants keep
-    share_lora_dropout: bool = True  # q/k/v and gate/up LoRA layers (same input) draw one dropout mask and run one
+    share_sibling_dropout: bool = True  # q/k/v and gate/up LoRA layers (same input) draw one dropout mask and run one
     # A matmul (speed.lora_forward.SiblingLora; with fused_lora); each still sees dropout p, exact at dropout 0
     pack_length: int | None = Field(None, gt=8)  # tokens per packed row (default: data.max_length);
     # with segment attention (CPU) a batch is one row of any length

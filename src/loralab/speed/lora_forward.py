@@ -63,13 +63,14 @@ class SiblingLora:
 
     def __init__(self, members: list[FusedLoraLinear]):
         self.members = members
-        self._input: torch.Tensor | None = None
+        self._input: tuple[torch.Tensor, int, str] | None = None  # the input served: tensor, version, adapter
         self._parts: dict[int, torch.Tensor] = {}
 
     def hidden(self, member: FusedLoraLinear, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """``member``'s ``lora_A(dropout(x))``, or None where the siblings cannot share this call."""
         index = next(i for i, m in enumerate(self.members) if m is member)
-        if self._input is x and index in self._parts:
+        cached = self._input
+        if cached is not None and cached[0] is x and cached[1:] == (x._version, name) and index in self._parts:
             part = self._parts.pop(index)
             if not self._parts:
                 self._input = None  # every sibling served: nothing of this step is kept
@@ -82,7 +83,7 @@ class SiblingLora:
         weights = [m.lora_A[name].weight for m in self.members]
         hidden = F.linear(member.lora_dropout[name](x), torch.cat(weights))
         parts = hidden.split([w.shape[0] for w in weights], dim=-1)
-        self._input, self._parts = x, {i: part for i, part in enumerate(parts) if i != index}
+        self._input, self._parts = (x, x._version, name), {i: part for i, part in enumerate(parts) if i != index}
         return parts[index]
 
 
