@@ -35,16 +35,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def tiny_qa_bert(tmp_path_factory) -> Path:
     """A tiny random BertModel (no QA head: training adds qa_outputs) with a WordPiece tokenizer and exact offsets."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-qa-bert")
-    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
-    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     corpus = [r["question"] + " " + r["context"] for r in qa_rows(40)] + ["long filler text about nothing much"] * 4
-    raw.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=[
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
+    # a vocabulary built here, not by WordPieceTrainer: its tie order varies between processes, and with it the ids,
+    # the random embeddings they get and the whole training curve (CI once drew one that plateaued)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for text in corpus for w, _ in pre.pre_tokenize_str(text.lower())})
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *dict.fromkeys(words + chars + ["##" + c for c in chars])]
+    raw = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
+    raw.pre_tokenizer = pre
     cls, sep = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
     raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
