@@ -16,6 +16,7 @@ from loralab.config import RunConfig
 from loralab.errors import LoralabError
 from loralab.guards import DivergenceGuard, GuardedTraining, ShareableCheckpoints
 from loralab.metrics import HIGHER_IS_BETTER
+from loralab.neftune import NEFTuneTraining
 from loralab.precision import model_type_of, resolve_precision
 from loralab.runs import RunPaths
 from loralab.speed import supervised_lm_loss
@@ -209,8 +210,9 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
         cls = SupervisedLogitsTrainer
     ratio = session.config.train.loraplus_lr_ratio
     extra = (LoraPlusOptimizer,) if ratio else ()
-    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, *extra, cls),
-                   {"loraplus_lr_ratio": ratio, "fused_cross_entropy": session.config.train.fused_cross_entropy})
+    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, NEFTuneTraining, *extra, cls),
+                   {"loraplus_lr_ratio": ratio, "fused_cross_entropy": session.config.train.fused_cross_entropy,
+                    "neftune_alpha": session.config.train.neftune_noise_alpha})
     stopping: list[Any] = []
     if session.config.train.early_stopping_patience:
         if not has_eval:

@@ -60,6 +60,9 @@ class TrainConfig(_Section):
     # [tensorboard, mlflow, wandb]; each also gets the run's config and summary.json as parameters (loralab.tracking)
     loraplus_lr_ratio: float | None = Field(None, ge=1)  # LoRA+: LoRA's B matrices learn at learning_rate times this
     # (peft's create_loraplus_optimizer; the paper suggests 16 with a learning rate about half plain LoRA's)
+    neftune_noise_alpha: float | None = Field(None, gt=0)  # NEFTune: uniform noise of alpha / sqrt(length x width)
+    # on the input embeddings while training (the Trainer's neftune_noise_alpha; the paper uses 5-15), length
+    # being each example's own, packed or not; against memorising the training phrasings
 
     @field_validator("report_to", mode="before")
     @classmethod
