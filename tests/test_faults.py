@@ -462,3 +462,26 @@ def test_remote_code_runs_nowhere_before_the_refusal(tiny_llama_dir, data_file, 
         result = runner.invoke(app, command)
         assert result.exit_code == 1 and "pass --trust-remote-code" in result.output, command
         assert not marker.exists(), command
+
+
+def test_weight_check_names_the_non_finite_lora_weight_and_passes_huge_finite_ones():
+    """The per-step weight check (a sum first, the element-wise check only when the sum is not finite)."""
+    from loralab.guards import non_finite_parameter, trainable_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    assert non_finite_parameter(model) is None
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")  # frozen: not watched
+        assert non_finite_parameter(model) is None
+        model[1].weight.fill_(3e38)  # finite, but the sum overflows: the exact check clears it
+        assert non_finite_parameter(model) is None
+        model[1].weight.fill_(0.5)
+        for value in (float("nan"), float("inf"), float("-inf")):
+            model[2].bias[1] = value
+            assert non_finite_parameter(model) == "2.bias"
+            assert non_finite_parameter(model, trainable_parameters(model)) == "2.bias"
+        model[2].bias[1] = 0.0
+        model[1].weight[2, 3] = float("inf")
+        model[2].weight[0, 0] = float("-inf")  # inf + -inf: a NaN sum, still the first bad weight named
+        assert non_finite_parameter(model) == "1.weight"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from loralab.config import build_config
 from loralab.data import IGNORE_INDEX, make_collator
@@ -264,6 +265,30 @@ def test_fused_head_loss_never_builds_the_full_logits(session, monkeypatch):
     handle = head.register_forward_hook(lambda *a: None)
     assert not fused_head_applies(model)
     handle.remove()
+
+
+def test_head_cross_entropy_equals_the_plain_loss_call_after_call(monkeypatch):
+    """Chunks share buffers kept between calls: losses and gradients stay those of logits + cross-entropy for every
+    size (one partial chunk, several chunks, a smaller call after a larger one), and a first call's gradient is
+    intact after a second call reused the buffers before the first one's backward."""
+    from loralab.speed import head_loss
+
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 0)  # 16-row chunks
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(300, 24, generator=generator) * 0.3).bfloat16()
+    pending = []
+    for rows in (5, 40, 16, 3, 33):
+        hidden = torch.randn(rows, 24, generator=generator).bfloat16().requires_grad_()
+        targets = torch.randint(0, 300, (rows,), generator=generator)
+        reference = hidden.detach().clone().requires_grad_()
+        expected = F.cross_entropy((reference @ weight.t()).float(), targets, reduction="sum")
+        expected.backward()
+        loss = head_loss.head_cross_entropy(hidden, weight, targets)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        pending.append((loss, hidden, reference.grad))
+    for loss, hidden, expected_grad in pending:  # backward only after every forward
+        (2 * loss).backward()
+        assert torch.allclose(hidden.grad.float(), 2 * expected_grad.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -53,12 +53,22 @@ def diverged(what: str, step: int, args: Any) -> TrainingDiverged:
                             "Fix the config and train again (--overwrite; in a sweep, --retry-failed)", step)
 
 
-def non_finite_parameter(model: Any) -> str | None:
-    """The name of a trainable parameter holding NaN or inf, or None (one host sync for all of them)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def trainable_parameters(model: Any) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def non_finite_parameter(model: Any, named: list[tuple[str, torch.Tensor]] | None = None) -> str | None:
+    """The name of a trainable parameter holding NaN or inf, or None (one host sync for all of them); ``named``:
+    ``trainable_parameters(model)``, if the caller keeps it."""
+    named = trainable_parameters(model) if named is None else named
     if not named:
         return None
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+    # fast path (a tenth of the time of isfinite on every element): a finite sum of all weights means no NaN or inf
+    # in any of them; a non-finite one (a NaN, an inf, or an overflow of huge weights) takes the exact check below
+    device = named[0][1].device
+    if bool(torch.stack([p.detach().sum().float().to(device) for _, p in named]).sum().isfinite()):
+        return None
+    finite = torch.stack([torch.isfinite(p.detach()).all().to(device) for _, p in named])
     if bool(finite.all()):
         return None
     return named[int((~finite).nonzero()[0])][0]
@@ -103,7 +113,9 @@ class DivergenceGuard(TrainerCallback):
             raise diverged(f"the training loss rose from {losses[0]:.4g} to {losses[-1]:.4g}", state.global_step, args)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        name = non_finite_parameter(model) if model is not None else None
+        if model is not None and getattr(self, "_watched", (None,))[0] is not model:
+            self._watched = (model, trainable_parameters(model))  # the same weights every step: listed once
+        name = non_finite_parameter(model, self._watched[1]) if model is not None else None
         if any_rank(name is not None):  # sharded weights (FSDP) may differ between processes
             raise diverged(f"the weight {name or '(on another process)'} became non-finite", state.global_step + 1, args)
 

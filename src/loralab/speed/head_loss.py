@@ -22,25 +22,44 @@ def chunk_rows(vocabulary: int) -> int:
     return max(16, min(1024, CHUNK_BYTES // (4 * max(1, vocabulary))))
 
 
+_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def chunk_buffers(rows: int, vocabulary: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``[rows, vocabulary]`` logits buffer in ``dtype`` and one in fp32, kept from call to call: fresh tensors of
+    this size cost page faults on every chunk (glibc maps and unmaps them), which was half the loss's time in a step."""
+    key = (rows, vocabulary, dtype, device)
+    if key not in _buffers:
+        _buffers.clear()  # one shape at a time: the memory of one chunk, as before
+        _buffers[key] = (torch.empty(rows, vocabulary, dtype=dtype, device=device),
+                         torch.empty(rows, vocabulary, dtype=torch.float32, device=device))
+    return _buffers[key]
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         rows = chunk_rows(weight.shape[0])
         total = hidden.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        low, full = chunk_buffers(min(rows, hidden.shape[0]), weight.shape[0], hidden.dtype, hidden.device)
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
-            logits = torch.mm(hidden[chunk], weight.t()).float()  # rounded to the compute dtype, as the layer's output
+            count = hidden[chunk].shape[0]
+            logits, exp = low[:count], full[:count]
+            torch.mm(hidden[chunk], weight.t(), out=logits)  # rounded to the compute dtype, as the layer's output
+            exp.copy_(logits)
             wanted = targets[chunk]
-            picked = logits.gather(1, wanted[:, None]).squeeze(1)
-            peak = logits.amax(1, keepdim=True)
-            exp = logits.sub_(peak).exp_()
+            picked = exp.gather(1, wanted[:, None]).squeeze(1)
+            peak = exp.amax(1, keepdim=True)
+            exp.sub_(peak).exp_()
             norm = exp.sum(1, keepdim=True)
             total += (peak.squeeze(1) + norm.log().squeeze(1) - picked).sum()
             if grad is not None:  # d loss / d logits = softmax - one-hot
                 exp.div_(norm)
-                exp[torch.arange(exp.shape[0], device=exp.device), wanted] -= 1
-                torch.mm(exp.to(hidden.dtype), weight, out=grad[chunk])
+                exp[torch.arange(count, device=exp.device), wanted] -= 1
+                logits.copy_(exp)
+                torch.mm(logits, weight, out=grad[chunk])
         ctx.save_for_backward(grad)
         return total
 
