@@ -4,7 +4,7 @@ The usual loss computes the logits of every supervised position (``[N, V]`` in b
 log-softmax, and in the backward materialises a zero-filled ``[N, V]`` gradient, the log-softmax backward and a cast
 back to bf16: four fresh tensors of up to ~60 MB per step, each paid in page faults as well as in passes over it. On
 a 2-core CPU that was ~15% of a SmolLM2 training step. ``head_cross_entropy`` does the same arithmetic on chunks of
-rows small enough to stay in the allocator's reused memory (the logits in the compute dtype, the softmax in fp32)
+rows, in two chunk-sized buffers kept from call to call (the logits in the compute dtype, the softmax in fp32),
 and, when a gradient is wanted, computes the hidden-state gradient in the forward (as Liger-Kernel's fused linear
 cross-entropy does), so the backward is one scaling. The output layer's weight must be frozen (a trainable output
 layer takes the usual path).
@@ -30,7 +30,7 @@ def chunk_buffers(rows: int, vocabulary: int, dtype: torch.dtype, device: torch.
     this size cost page faults on every chunk (glibc maps and unmaps them), which was half the loss's time in a step."""
     key = (rows, vocabulary, dtype, device)
     if key not in _buffers:
-        _buffers.clear()  # one shape at a time: the memory of one chunk, as before
+        _buffers.clear()  # one shape at a time: the memory of one full chunk
         _buffers[key] = (torch.empty(rows, vocabulary, dtype=dtype, device=device),
                          torch.empty(rows, vocabulary, dtype=torch.float32, device=device))
     return _buffers[key]
@@ -42,7 +42,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         rows = chunk_rows(weight.shape[0])
         total = hidden.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        low, full = chunk_buffers(min(rows, hidden.shape[0]), weight.shape[0], hidden.dtype, hidden.device)
+        low, full = chunk_buffers(rows, weight.shape[0], hidden.dtype, hidden.device)  # full chunks: one shape a run
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
             count = hidden[chunk].shape[0]
