@@ -112,8 +112,10 @@ class DivergenceGuard(TrainerCallback):
         if len(losses) >= 3 and all(exploded(loss, losses[0]) for loss in losses[-2:]):
             raise diverged(f"the training loss rose from {losses[0]:.4g} to {losses[-1]:.4g}", state.global_step, args)
 
+    _watched: tuple[Any, list[tuple[str, torch.Tensor]]] | None = None  # the model and its trainable weights
+
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is not None and getattr(self, "_watched", (None,))[0] is not model:
+        if model is not None and (self._watched is None or self._watched[0] is not model):
             self._watched = (model, trainable_parameters(model))  # the same weights every step: listed once
         name = non_finite_parameter(model, self._watched[1]) if model is not None else None
         if any_rank(name is not None):  # sharded weights (FSDP) may differ between processes

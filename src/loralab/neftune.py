@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from loralab.speed import unwrap_model
+
 
 def example_lengths(input_shape: torch.Size, position_ids: torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,11 +51,8 @@ def _embedding_hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Ten
 
 
 def input_embeddings(model: Any) -> Any:
-    """The input embedding layer under any wrapper (DDP, PEFT)."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner.get_input_embeddings()
+    """The input embedding layer under any wrapper (DDP, FSDP, DeepSpeed, PEFT)."""
+    return unwrap_model(model).get_input_embeddings()
 
 
 class NEFTuneTraining:

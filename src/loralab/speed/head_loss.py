@@ -45,7 +45,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         low, full = chunk_buffers(rows, weight.shape[0], hidden.dtype, hidden.device)  # full chunks: one shape a run
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
-            count = hidden[chunk].shape[0]
+            count = min(rows, hidden.shape[0] - start)
             logits, exp = low[:count], full[:count]
             torch.mm(hidden[chunk], weight.t(), out=logits)  # rounded to the compute dtype, as the layer's output
             exp.copy_(logits)
