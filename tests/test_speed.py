@@ -523,36 +523,44 @@ def test_segment_attention_equals_a_block_diagonal_mask(kv_heads):
     assert torch.allclose(windowed, full.transpose(1, 2), atol=1e-5)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_fused_lora_forward_gives_peft_loss_and_gradients(session, bf16):
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fused_lora_forward_gives_peft_loss_and_gradients(session, dropout):
     from peft.tuners.lora import Linear as LoraLinear
 
+    from loralab.speed import FastDropout
     from loralab.speed.lora_forward import FusedLoraLinear, use_fused_lora
 
-    model = copy.deepcopy(session.model).train()  # dropout on: the same generator state gives both the same masks
+    model = _nonzero_lora(session.model).train()  # train mode: the same generator state gives both the same masks
     for module in model.modules():
         if isinstance(module, FusedLoraLinear):
-            module.__class__ = LoraLinear  # back to PEFT's own forward
-    if bf16:
-        cast_frozen_weights(model)
+            module.__dict__.pop("_lora_siblings", None)  # each layer draws its own mask, in PEFT's order
+            if dropout:  # the fused path zeroes x by the mask and scales the r-wide A output by 1 / (1 - p)
+                module.lora_dropout["default"] = FastDropout(dropout)
     batch = _padded_batch(session)
-    context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    def loss_and_grads():
+    def loss_and_grads(fused, bf16=False):
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                module.__class__ = FusedLoraLinear if fused else LoraLinear  # PEFT's own forward, or the fused one
         torch.manual_seed(3)
-        with context:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             return _lora_grads(model, batch)
 
-    reference, reference_grads = loss_and_grads()
-    assert use_fused_lora(model) == sum(isinstance(m, LoraLinear) for m in model.modules()) > 0
-    fused, fused_grads = loss_and_grads()
-    assert all(type(m) is not LoraLinear for m in model.modules())
-    tolerance = {"rtol": 2e-2, "atol": 1e-3} if bf16 else {"rtol": 1e-4, "atol": 1e-7}
-    assert torch.allclose(fused, reference, **tolerance)
-    assert fused_grads.keys() == reference_grads.keys() and fused_grads
+    reference, reference_grads = loss_and_grads(fused=False)
+    fused, fused_grads = loss_and_grads(fused=True)
+    assert torch.allclose(fused, reference, rtol=1e-5)
+    assert fused_grads.keys() == reference_grads.keys() and len(fused_grads) == 2 * 14
     for name, grad in fused_grads.items():
-        scale = reference_grads[name].abs().max()
-        assert (grad - reference_grads[name]).abs().max() <= tolerance["rtol"] * 5 * scale + tolerance["atol"], name
+        assert (grad - reference_grads[name]).norm() <= 1e-4 * reference_grads[name].norm() > 0, name
+    # bf16 (a bf16 base under autocast): the fused path rounds in other places than PEFT's; measured 4-5% off the
+    # fp32 gradients, as PEFT's own bf16 path is
+    cast_frozen_weights(model)
+    peft16, peft16_grads = loss_and_grads(fused=False, bf16=True)
+    fused16, fused16_grads = loss_and_grads(fused=True, bf16=True)
+    assert torch.allclose(fused16, reference, rtol=2e-2) and torch.allclose(peft16, reference, rtol=2e-2)
+    errors = {path: torch.stack([(g[n] - reference_grads[n]).norm() / reference_grads[n].norm() for n in g])
+              for path, g in (("peft", peft16_grads), ("fused", fused16_grads))}
+    assert errors["fused"].mean() <= 1.5 * errors["peft"].mean() and errors["fused"].max() <= 1.5 * errors["peft"].max()
     # a merged adapter, or a second active adapter, runs PEFT's own forward
     layer = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
     x = torch.randn(2, layer.in_features)
@@ -560,6 +568,35 @@ def test_fused_lora_forward_gives_peft_loss_and_gradients(session, bf16):
     assert layer._fused_adapter(x, (), {"adapter_names": ["default"]}) is None
     layer.merged_adapters.append("default")
     assert layer._fused_adapter(x, (), {}) is None
+
+
+def test_lean_steps_count_flops_and_clip_gradients_as_the_trainer_does(session, tmp_path):
+    from transformers import Trainer
+
+    from loralab.runs import RunPaths
+    from loralab.trainer import build_trainer
+
+    trainer = build_trainer(session, RunPaths(tmp_path / "run"), progress=False)
+    batch = session.collator([session.data.train[i] for i in range(3)])
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
+    model = _nonzero_lora(trainer.model).train()  # a copy: the session is shared by the module
+    trainer.compute_loss(model, batch).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == 2 * 14
+    trainer.args.max_grad_norm = 1e-3  # far below the norm: every gradient is scaled down
+
+    def clipped(clip):
+        for name, p in model.named_parameters():
+            if name in grads:
+                p.grad = grads[name].clone()
+        norm = clip(model)
+        return norm, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    norm, lean = clipped(trainer._clip_grad_norm)
+    reference_norm, reference = clipped(lambda m: Trainer._clip_grad_norm(trainer, m))
+    assert torch.allclose(norm, reference_norm) and norm > 1e-2
+    assert lean.keys() == reference.keys() and all(torch.allclose(lean[n], reference[n]) for n in lean)
+    assert all(not torch.allclose(lean[n], grads[n]) for n in lean if grads[n].abs().max() > 0)
 
 
 def test_setup_switches_on_the_cpu_levers_and_each_switch_turns_its_lever_off(tiny_llama_dir, speed_data, tmp_path):

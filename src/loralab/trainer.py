@@ -150,6 +150,42 @@ class LoraPlusOptimizer:
         return trainer.optimizer
 
 
+class LeanSteps:
+    """Trainer mixin: two walks over every parameter of the model that the Trainer makes each step, made once.
+
+    The Trainer counts a step's FLOPs as 6 x tokens x ``model.num_parameters(exclude_embeddings=True)``, counting
+    the parameters again each step, and clips the gradient norm over ``model.parameters()``, frozen weights included
+    (they have no gradient). Here the count is kept, and the norm is taken over the trainable weights, the same norm,
+    on one process or under DDP (whose gradients are already reduced); sharded runs keep the Trainer's own clipping.
+    Together ~1% of a small model's CPU step.
+    """
+
+    _counted: tuple[Any, int] | None = None  # the model and its count
+    _trainable: tuple[Any, list[torch.Tensor]] | None = None  # the model and its trainable weights
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        trainer: Any = self  # a mixin of the Trainer
+        main = getattr(trainer.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(trainer.model, "num_parameters"):
+            return super().floating_point_ops(inputs)  # type: ignore[misc]
+        if self._counted is None or self._counted[0] is not trainer.model:
+            self._counted = (trainer.model, trainer.model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[main].numel() * self._counted[1]
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        from accelerate.utils import DistributedType
+        from transformers.utils import is_sagemaker_mp_enabled
+
+        trainer: Any = self
+        unsharded = trainer.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                             DistributedType.MULTI_GPU) and not is_sagemaker_mp_enabled()
+        if not unsharded or getattr(trainer, "_has_mixed_mesh_grads", lambda _: True)(model):
+            return super()._clip_grad_norm(model)  # type: ignore[misc]
+        if self._trainable is None or self._trainable[0] is not model:
+            self._trainable = (model, [p for p in model.parameters() if p.requires_grad])
+        return trainer.accelerator.clip_grad_norm_(self._trainable[1], trainer.args.max_grad_norm)
+
+
 def uses_supervised_logits(session: Session) -> bool:
     """Whether training computes the causal-LM loss only at supervised positions (``supervised_lm_loss``)."""
     from loralab.speed import supervised_logits_exact
@@ -210,7 +246,7 @@ def build_trainer(session: Session, paths: RunPaths, progress: bool = True, call
         cls = SupervisedLogitsTrainer
     ratio = session.config.train.loraplus_lr_ratio
     extra = (LoraPlusOptimizer,) if ratio else ()
-    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, NEFTuneTraining, *extra, cls),
+    guarded = type(f"Guarded{cls.__name__}", (GuardedTraining, NEFTuneTraining, LeanSteps, *extra, cls),
                    {"loraplus_lr_ratio": ratio, "fused_cross_entropy": session.config.train.fused_cross_entropy,
                     "neftune_alpha": session.config.train.neftune_noise_alpha})
     stopping: list[Any] = []

@@ -62,13 +62,27 @@ class FastDropout(nn.Module):
         self.p = p
         self.threshold = round(p * 65536) - 32768  # P(uniform int16 < threshold) = p
 
+    @property
+    def scale(self) -> float:
+        """Inverted dropout's factor for the kept elements, ``1 / (1 - p)``."""
+        return 1.0 / (1.0 - self.p)
+
+    def masks(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` draws a mask with ``zero_dropped`` (training, p > 0, on CPU)."""
+        return self.training and self.p > 0 and x.device.type == "cpu"
+
+    def zero_dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the dropped elements zeroed, not yet multiplied by ``scale``. ``torch.where`` on the bool mask:
+        a multiply by it would first copy the mask to ``x``'s dtype, in the forward and again in the backward."""
+        keep = random_int16(x.numel()).view(x.shape) >= self.threshold
+        return torch.where(keep, x, 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu":
+        if not self.masks(x):
             return F.dropout(x, self.p, training=True)
-        keep = random_int16(x.numel()).view(x.shape) >= self.threshold
-        return x.mul(keep).mul_(1.0 / (1.0 - self.p))
+        return self.zero_dropped(x).mul_(self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

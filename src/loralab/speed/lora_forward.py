@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from loralab.speed import FastDropout
+
 
 class FusedLoraLinear(LoraLinear):
     """PEFT's LoRA ``Linear`` with ``forward`` computed as one ``addmm`` where that is the same function."""
@@ -46,7 +48,8 @@ class FusedLoraLinear(LoraLinear):
         group = getattr(self, "_lora_siblings", None)
         hidden = group.hidden(self, x, name) if group is not None else None
         if hidden is None:
-            hidden = self.lora_A[name](self.lora_dropout[name](x))
+            masked, scale = dropout_input(self.lora_dropout[name], x)
+            hidden = scaled(self.lora_A[name](masked), scale)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
                           self.lora_B[name].weight.t(), alpha=self.scaling[name])
         return out.view(result.shape)
@@ -81,10 +84,24 @@ class SiblingLora:
         if len(dropouts) != 1 or -1.0 in dropouts:
             return None  # different (or unknown) dropouts: each its own
         weights = [m.lora_A[name].weight for m in self.members]
-        hidden = F.linear(member.lora_dropout[name](x), torch.cat(weights))
+        masked, scale = dropout_input(member.lora_dropout[name], x)
+        hidden = scaled(F.linear(masked, torch.cat(weights)), scale)
         parts = hidden.split([w.shape[0] for w in weights], dim=-1)
         self._input, self._parts = (x, x._version, name), {i: part for i, part in enumerate(parts) if i != index}
         return parts[index]
+
+
+def dropout_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The input of the A matmul, ``dropout(x)``, and a factor its output still needs. For ``FastDropout`` that is
+    the masked ``x`` and ``1 / (1 - p)``: ``A (s x) = s (A x)``, and the A output is r features wide, not the
+    thousands of ``x``, so the scaling pass over ``x`` and its backward pass are saved."""
+    if isinstance(dropout, FastDropout) and dropout.masks(x):
+        return dropout.zero_dropped(x), dropout.scale
+    return dropout(x), 1.0
+
+
+def scaled(hidden: torch.Tensor, scale: float) -> torch.Tensor:
+    return hidden if scale == 1.0 else hidden * scale
 
 
 def dropout_p(module: nn.Module) -> float:
