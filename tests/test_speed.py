@@ -523,6 +523,32 @@ def test_segment_attention_equals_a_block_diagonal_mask(kv_heads):
     assert torch.allclose(windowed, full.transpose(1, 2), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [9, 3, 1])
+def test_causal_attention_is_sdpas_in_fp32_also_under_autocast(kv_heads):
+    from loralab.speed.attention import causal_attention
+
+    torch.manual_seed(0)
+    query = torch.randn(1, 9, 40, 16, requires_grad=True)
+    key, value = (torch.randn(1, kv_heads, 40, 16, requires_grad=True) for _ in range(2))
+
+    def reference(q, k, v):
+        repeat = 9 // kv_heads
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                              is_causal=True, scale=0.3)
+
+    out, expected = causal_attention(query, key, value, 0.3), reference(query, key, value)
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (query, key, value))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    assert all(torch.allclose(g, e, atol=1e-4) for g, e in zip(grads, expected_grads))
+    # bf16 inputs under autocast: computed in fp32 all the same, rounded once to bf16 at the end
+    low = [t.detach().bfloat16() for t in (query, key, value)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = causal_attention(*low, 0.3)
+    exact = reference(*(t.float() for t in low))
+    assert out16.dtype == torch.bfloat16 and torch.allclose(out16.float(), exact, rtol=2**-8, atol=1e-5)  # 1 ulp
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_fused_lora_forward_gives_peft_loss_and_gradients(session, dropout):
     from peft.tuners.lora import Linear as LoraLinear
