@@ -13,7 +13,7 @@ import torch
 from conftest import opposite_records, tiny_overrides
 from loralab.config import build_config
 from loralab.errors import ConfigError
-from loralab.neftune import example_lengths, input_embeddings, noisy_embeddings
+from loralab.neftune import call_lengths, embedding_layers, example_lengths, input_embeddings, noisy_embeddings
 from loralab.runs import RunPaths
 from loralab.trainer import build_trainer
 from loralab.training import setup
@@ -66,8 +66,7 @@ def test_training_adds_noise_per_packed_example_and_removes_it_after(tiny_llama_
     def block_input(module, args, kwargs):
         if module.training:
             hidden = args[0] if args else kwargs["hidden_states"]
-            batch = layer._loralab_neftune_batch
-            seen.append((ids[-1], hidden.detach().float(), batch["position_ids"]))
+            seen.append((ids[-1], hidden.detach().float(), kwargs.get("position_ids")))
 
     handle = first_block.register_forward_pre_hook(block_input, with_kwargs=True)
     trainer.train()
@@ -85,7 +84,66 @@ def test_training_adds_noise_per_packed_example_and_removes_it_after(tiny_llama_
         beyond_row_bound |= bool((per_token > 1.01 * alpha / math.sqrt(input_ids.shape[1] * width)).any())
     # packed rows hold several examples: their noise follows the example's length, larger than the row's would give
     assert beyond_row_bound
-    assert not layer._forward_hooks and not hasattr(layer, "_loralab_neftune_alpha")
+    assert not layer._forward_hooks and trainer._neftune_state is None
     session.model.train()  # the model is in train mode after training: no noise is left on it
     probe = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(layer(probe), layer.weight[probe])
+
+
+def test_each_forward_of_a_step_takes_the_lengths_of_its_own_tensors():
+    anchors = torch.tensor([[5, 6, 7, 0], [5, 6, 0, 0]])
+    positives = torch.tensor([[8, 0, 0, 0], [8, 9, 9, 9]])  # the same width as the anchors, other lengths
+    batch = {"input_ids": anchors, "attention_mask": (anchors > 0).long(),
+             "positive_input_ids": positives, "positive_attention_mask": (positives > 0).long()}
+    lengths = lambda ids, side="input": call_lengths(ids, ids.shape, side, batch).squeeze(-1)[:, 0].tolist()  # noqa: E731
+    assert lengths(anchors) == [3, 2]
+    assert lengths(positives.clone()) == [1, 4]  # found by value as well as by identity
+    # an encoder-decoder's decoder reads the labels shifted right: one token per supervised label
+    seq2seq = {"input_ids": anchors, "attention_mask": (anchors > 0).long(),
+               "labels": torch.tensor([[4, 4, -100], [4, -100, -100]])}
+    assert call_lengths(torch.zeros(2, 3, dtype=torch.long), torch.Size([2, 3]), "decoder", seq2seq).squeeze(-1).tolist() \
+        == [[2] * 3, [1] * 3]
+    # ids found nowhere, no fitting mask: the width (the Trainer's own rule)
+    assert call_lengths(torch.zeros(1, 6, dtype=torch.long), torch.Size([1, 6]), "input", batch).squeeze(-1).tolist() \
+        == [[6] * 6]
+
+
+def test_seq2seq_training_adds_noise_to_the_encoder_and_the_decoder_inputs(tiny_t5_dir, data_file, tmp_path):
+    alpha = 5.0
+    config = build_config(overrides=tiny_overrides(tiny_t5_dir, data_file, tmp_path, **{
+        "train.neftune_noise_alpha": alpha, "train.max_steps": 2}))
+    session = setup(config)
+    (tmp_path / "paths").mkdir()
+    trainer = build_trainer(session, RunPaths(tmp_path / "paths"), progress=False)
+    layers = embedding_layers(session.model)
+    base = session.model.get_base_model()
+    assert [layer for layer, _ in layers] == [base.get_encoder().get_input_embeddings(),
+                                              base.get_decoder().get_input_embeddings()]
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"input": [], "decoder": []}
+    for layer, side in layers:  # registered before training: runs before the noise hook, records clean inputs
+        layer.register_forward_hook(lambda module, args, out, side=side: seen[side].append((args[0], out.detach()))
+                                    if module.training else None)
+    batches, noisy, after_noise = [], {"input": [], "decoder": []}, []
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        if model.training:
+            batches.append(inputs)
+            for layer, side in layers if not after_noise else ():  # registered after the noise hook: sees its output
+                after_noise.append(layer.register_forward_hook(
+                    lambda module, args, out, side=side: noisy[side].append(out.detach()) if module.training else None))
+        return real(model, inputs, *args, **kwargs)
+
+    real, trainer.compute_loss = trainer.compute_loss, compute_loss
+    trainer.train()
+    assert batches and len(seen["input"]) == len(seen["decoder"]) == len(noisy["decoder"]) == len(batches)
+    width = layers[0][0].weight.shape[1]
+    for batch, (ids, clean), hidden in zip(batches, seen["input"], noisy["input"]):
+        assert torch.equal(ids, batch["input_ids"])
+        bound = alpha / torch.sqrt(batch["attention_mask"].sum(1, keepdim=True).float() * width)
+        per_token = (hidden.float() - clean.float()).abs().amax(-1)
+        assert torch.all(per_token > 0) and torch.all(per_token <= bound + 1e-6)
+    for batch, (ids, clean), hidden in zip(batches, seen["decoder"], noisy["decoder"]):
+        supervised = (batch["labels"] != -100).sum(1, keepdim=True).float()
+        per_token = (hidden.float() - clean.float()).abs().amax(-1)
+        assert torch.all(per_token > 0) and torch.all(per_token <= alpha / torch.sqrt(supervised * width) + 1e-6)
+    assert all(len(layer._forward_hooks) == 2 for layer, _ in layers)  # the test's two: the noise hook is gone

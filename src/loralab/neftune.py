@@ -11,10 +11,12 @@ in train mode (the evaluations during training and the generation after it see c
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
+from loralab.data import IGNORE_INDEX
 from loralab.speed import unwrap_model
 
 
@@ -42,12 +44,39 @@ def noisy_embeddings(embeddings: torch.Tensor, alpha: float, lengths: torch.Tens
     return embeddings + noise
 
 
-def _embedding_hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+# the batch tensors an embedding call can read, with the positions and mask that give its examples' lengths
+SOURCES = (("input_ids", "position_ids", "attention_mask"),
+           ("positive_input_ids", None, "positive_attention_mask"))  # the embeddings task's second forward
+
+
+def _same(source: Any, ids: torch.Tensor) -> bool:
+    return isinstance(source, torch.Tensor) and (source is ids or (source.shape == ids.shape and torch.equal(
+        source.to(ids.device), ids)))
+
+
+def call_lengths(ids: torch.Tensor | None, shape: torch.Size, side: str, batch: dict[str, Any]) -> torch.Tensor:
+    """``example_lengths`` for one call of an embedding layer with token ids ``ids`` (output ``[batch, width, d]``):
+    the mask (or positions) of the batch tensor the ids are; else, on the decoder side of an encoder-decoder model
+    (the labels shifted right, by the collator or inside the model), ``decoder_attention_mask`` or the labels'
+    supervised tokens; else the batch's own positions or mask where their shape fits, else the width."""
+    if ids is not None:
+        for ids_key, positions_key, mask_key in SOURCES:
+            if _same(batch.get(ids_key), ids):
+                return example_lengths(shape, batch.get(positions_key) if positions_key else None, batch.get(mask_key))
+    if side == "decoder" or (ids is not None and _same(batch.get("decoder_input_ids"), ids)):
+        mask, labels = batch.get("decoder_attention_mask"), batch.get("labels")
+        if mask is None and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            mask = (labels != IGNORE_INDEX).long()  # the decoder reads one token per label: the start, then labels
+        return example_lengths(shape, attention_mask=mask)
+    return example_lengths(shape, batch.get("position_ids"), batch.get("attention_mask"))
+
+
+def _embedding_hook(state: dict[str, Any], side: str, module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
     if not module.training:
         return output
-    batch = getattr(module, "_loralab_neftune_batch", None) or {}
-    lengths = example_lengths(output.shape[:2], batch.get("position_ids"), batch.get("attention_mask"))
-    return noisy_embeddings(output, module._loralab_neftune_alpha, lengths)
+    ids = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+    lengths = call_lengths(ids, output.shape[:2], side, state.get("batch") or {})
+    return noisy_embeddings(output, state["alpha"], lengths)
 
 
 def input_embeddings(model: Any) -> Any:
@@ -55,27 +84,43 @@ def input_embeddings(model: Any) -> Any:
     return unwrap_model(model).get_input_embeddings()
 
 
+def embedding_layers(model: Any) -> list[tuple[Any, str]]:
+    """The input embedding layers the model's forward runs, each with its side (``input`` or ``decoder``).
+
+    A decoder-only model: its input embeddings. An encoder-decoder model (T5, mT5, BART): the encoder's and the
+    decoder's own layers. In transformers 5 they are modules of their own that share the weight of
+    ``get_input_embeddings()``, which the forward never calls: a hook there (the Trainer's own NEFTune) adds nothing.
+    """
+    base = unwrap_model(model)
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False) and hasattr(base, "get_encoder") \
+            and hasattr(base, "get_decoder"):
+        encoder, decoder = base.get_encoder().get_input_embeddings(), base.get_decoder().get_input_embeddings()
+        if encoder is decoder:  # one module for both: encoder calls are found by their ids, the rest are the decoder's
+            return [(encoder, "decoder")]
+        return [(encoder, "input"), (decoder, "decoder")]
+    return [(base.get_input_embeddings(), "input")]
+
+
 class NEFTuneTraining:
     """A Trainer mixin: NEFTune with each example's own length, while ``train()`` runs."""
 
     neftune_alpha: float | None = None
+    _neftune_state: dict[str, Any] | None = None  # the alpha and the batch of the step, read by the hooks
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if not self.neftune_alpha:
             return super().train(*args, **kwargs)  # type: ignore[misc]
-        layer = input_embeddings(self.model)  # type: ignore[attr-defined]
-        layer._loralab_neftune_alpha = self.neftune_alpha
-        handle = layer.register_forward_hook(_embedding_hook)
+        self._neftune_state = {"alpha": self.neftune_alpha, "batch": None}
+        handles = [layer.register_forward_hook(functools.partial(_embedding_hook, self._neftune_state, side))
+                   for layer, side in embedding_layers(self.model)]  # type: ignore[attr-defined]
         try:
             return super().train(*args, **kwargs)  # type: ignore[misc]
         finally:
-            handle.remove()
-            for name in ("_loralab_neftune_alpha", "_loralab_neftune_batch"):
-                if hasattr(layer, name):
-                    delattr(layer, name)
+            for handle in handles:
+                handle.remove()
+            self._neftune_state = None
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if self.neftune_alpha:
-            input_embeddings(model)._loralab_neftune_batch = {key: inputs.get(key) for key in
-                                                              ("position_ids", "attention_mask")}
+        if self._neftune_state is not None:
+            self._neftune_state["batch"] = inputs
         return super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
